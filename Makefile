@@ -1,0 +1,38 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   create .venv if missing, build the small demo model, run it (streams to the terminal)
+#   make test   create .venv if missing, run the whole test suite
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_MODEL ?= models/demo-llama
+DEMO_PROMPT ?= Once upon a time, in a small village by the sea,
+
+.PHONY: test demo venv bench clean
+
+# torch first, pinned to the CPU wheel on local disk: a looser spec, or letting another
+# package pull torch in, can download a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[test]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+$(DEMO_MODEL)/config.json: | $(STAMP)
+	$(VENV)/bin/pagedbackend tiny-model --arch llama --out $(DEMO_MODEL) --hidden-size 256 --num-layers 4 \
+		--num-heads 8 --num-kv-heads 4 --vocab-size 2048 --max-position-embeddings 2048 --init-std 0.05
+
+demo: $(STAMP) $(DEMO_MODEL)/config.json
+	$(VENV)/bin/pagedbackend generate --model $(DEMO_MODEL) --prompt "$(DEMO_PROMPT)" --max-tokens 64 \
+		--temperature 0.8 --top-p 0.95 --sample-seed 0
+
+bench: $(STAMP)
+	$(PY) benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) models build *.egg-info

@@ -1,0 +1,1 @@
+"""Framework bindings: TorchServe and PyTriton (imported as pagedbackend.adapters)."""

@@ -1,0 +1,1 @@
+"""PyTriton binding (see its issue)."""

@@ -1,0 +1,1 @@
+"""TorchServe custom handler (see its issue)."""

@@ -1,0 +1,254 @@
+"""`AsyncLLMEngine`: the engine loop on one background thread, shared by every client.
+
+Requests are submitted from any thread or event loop; each gets a `RequestStream` of
+`RequestOutput`s that can be consumed with `async for` (outputs are handed to the consumer's
+own loop with `call_soon_threadsafe`) or with a plain `for` from a thread. A consumer that
+stops iterating early aborts its request, freeing its KV blocks. A step that raises fails the
+requests it was computing (their streams raise `RequestFailedError`); the loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Iterator
+
+from pagedbackend.config import EngineArgs
+from pagedbackend.llm_engine import LLMEngine, PromptType
+from pagedbackend.outputs import RequestOutput
+from pagedbackend.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class EngineDeadError(RuntimeError):
+    """The engine was shut down (or its loop died); the request cannot complete."""
+
+
+class RequestFailedError(RuntimeError):
+    """The engine failed this request (an error inside the step that computed it)."""
+
+
+class RequestStream:
+    """Outputs of one request, in order; the last one has `finished=True`."""
+
+    def __init__(self, request_id: str, engine: "AsyncLLMEngine", loop: asyncio.AbstractEventLoop | None) -> None:
+        self.request_id = request_id
+        self._engine = engine
+        self._loop = loop
+        self._queue: Any = asyncio.Queue() if loop is not None else queue.Queue()
+        self.finished = False
+
+    # engine thread side
+    def _put(self, item: Any) -> None:
+        if self._loop is None:
+            self._queue.put(item)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the consumer's loop is closed: nobody is listening any more
+            pass
+
+    def _unwrap(self, item: Any) -> RequestOutput:
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.finished:
+            self.finished = True
+            if item.error is not None:
+                raise RequestFailedError(f"request {self.request_id} failed: {item.error}")
+        return item
+
+    # thread consumer side
+    def __iter__(self) -> Iterator[RequestOutput]:
+        return self
+
+    def __next__(self) -> RequestOutput:
+        if self._loop is not None:
+            raise TypeError("this stream belongs to an event loop; use `async for`")
+        if self.finished and self._queue.empty():
+            raise StopIteration
+        return self._unwrap(self._queue.get())
+
+    # asyncio consumer side
+    def __aiter__(self) -> "RequestStream":
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._loop is None:
+            raise TypeError("this stream was created for threads; iterate it with `for`")
+        if self.finished and self._queue.empty():
+            raise StopAsyncIteration
+        return self._unwrap(await self._queue.get())
+
+    def abort(self) -> None:
+        """Stop the request now (frees its blocks); a no-op once it has finished."""
+        if not self.finished:
+            self._engine.abort_request(self.request_id)
+
+    def __enter__(self) -> "RequestStream":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.abort()
+
+
+@dataclass
+class _Add:
+    stream: RequestStream
+    prompt: PromptType
+    params: SamplingParams | None
+    priority: int
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class AsyncLLMEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._cv = threading.Condition()
+        self._commands: list[_Add | _Abort] = []
+        self._streams: dict[str, RequestStream] = {}
+        self._stopping = False
+        self._dead: BaseException | None = None
+        self._stats: dict[str, Any] = engine.get_stats()
+        self._thread = threading.Thread(target=self._loop, name="pagedbackend-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs, progress: bool = True) -> "AsyncLLMEngine":
+        return cls(LLMEngine.from_engine_args(args, progress))
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def is_running(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    # ------------------------------------------------------------- submission
+    def submit(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
+               request_id: str | None = None, priority: int = 0) -> RequestStream:
+        """Thread-friendly: queue a request and return its stream, to iterate with `for`."""
+        return self._submit(prompt, sampling_params, request_id, priority, loop=None)
+
+    async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
+                       request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
+        """Yield `RequestOutput`s as tokens arrive (cumulative, with deltas). Leaving the loop
+        early (break, cancellation, client gone) aborts the request."""
+        stream = self._submit(prompt, sampling_params, request_id, priority, loop=asyncio.get_running_loop())
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            stream.abort()
+
+    def _submit(self, prompt, params, request_id, priority, loop) -> RequestStream:
+        request_id = request_id if request_id is not None else uuid.uuid4().hex
+        stream = RequestStream(str(request_id), self, loop)
+        with self._cv:
+            if self._stopping or self._dead is not None:
+                raise EngineDeadError("the engine is not running") from self._dead
+            if stream.request_id in self._streams:
+                raise ValueError(f"request_id {stream.request_id!r} is already in use")
+            self._streams[stream.request_id] = stream
+            self._commands.append(_Add(stream, prompt, params, priority))
+            self._cv.notify()
+        return stream
+
+    def abort_request(self, request_id: str) -> None:
+        """Thread-safe abort; the request's stream ends with finish_reason "abort"."""
+        with self._cv:
+            if request_id in self._streams and not self._stopping:
+                self._commands.append(_Abort(request_id))
+                self._cv.notify()
+
+    async def abort(self, request_id: str) -> None:
+        self.abort_request(request_id)
+
+    def get_stats(self) -> dict[str, Any]:
+        """Snapshot taken by the loop after its latest step (safe from any thread)."""
+        with self._cv:
+            return dict(self._stats)
+
+    # ---------------------------------------------------------------- the loop
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not self._commands and not self._stopping and not self.engine.has_unfinished_requests():
+                        self._cv.wait()
+                    if self._stopping:
+                        break
+                    commands, self._commands = self._commands, []
+                for cmd in commands:
+                    self._apply(cmd)
+                if self.engine.has_unfinished_requests():
+                    self._dispatch(self.engine.step())
+                stats = self.engine.get_stats()
+                with self._cv:
+                    self._stats = stats
+        except BaseException as e:  # a bug in the loop itself: do not leave clients hanging
+            logger.exception("engine loop died")
+            self._dead = e
+        finally:
+            self._fail_all(EngineDeadError("the engine shut down" if self._dead is None else f"the engine loop died: {self._dead}"))
+
+    def _apply(self, cmd: _Add | _Abort) -> None:
+        if isinstance(cmd, _Add):
+            try:
+                self.engine.add_request(cmd.stream.request_id, cmd.prompt, cmd.params, priority=cmd.priority)
+            except Exception as e:
+                self._drop(cmd.stream.request_id)
+                cmd.stream._put(e if isinstance(e, ValueError) else RequestFailedError(str(e)))
+        else:
+            out = self.engine.abort_request(cmd.request_id)
+            if out is not None:
+                self._dispatch([out])
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            with self._cv:
+                stream = self._streams.get(out.request_id)
+                if out.finished:
+                    self._streams.pop(out.request_id, None)
+            if stream is not None:
+                stream._put(out)
+
+    def _drop(self, request_id: str) -> None:
+        with self._cv:
+            self._streams.pop(request_id, None)
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._cv:
+            streams, self._streams = self._streams, {}
+            self._stopping = True
+            self._commands.clear()
+        for request_id, stream in streams.items():
+            try:
+                self.engine.abort_request(request_id)
+            except Exception:  # the engine may be in a bad state; the client still gets an answer
+                logger.exception("abort of %s during shutdown failed", request_id)
+            stream._put(error)
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Stop the loop; requests still in flight end with `EngineDeadError`."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def __enter__(self) -> "AsyncLLMEngine":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()

@@ -1,0 +1,35 @@
+"""The interface every attention backend implements."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+from pagedbackend.attention.metadata import AttentionMetadata
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def prepare(self, meta: AttentionMetadata, num_kv_heads: int, block_size: int) -> None:
+        """Precompute per-step helpers (called once per step, before the layers run)."""
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T, Hq, D]
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        key_cache: torch.Tensor,  # layout in pagedbackend.kernels.layout
+        value_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+        sliding_window: int | None,
+    ) -> torch.Tensor:  # [T, Hq, D]
+        """Write k/v into the cache at meta.slot_mapping, then attend: each sequence's new
+        tokens see its cached context and, causally, each other."""
+        ...
+
+    def copy_blocks(self, caches: list[tuple[torch.Tensor, torch.Tensor]], pairs: list[tuple[int, int]]) -> None:
+        """Copy whole blocks src -> dst in every layer (copy-on-write)."""
+        ...

@@ -1,0 +1,174 @@
+"""Maps sequences to KV blocks: on-demand allocation, prefix-cache lookups, forks with
+copy-on-write. It answers "can this sequence get room for k more tokens?" with yes or no;
+what to do about a no (preempt someone) is the scheduler's decision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pagedbackend.block_pool import BlockPool, KVBlock, hash_block_tokens
+from pagedbackend.sequence import Sequence
+
+
+@dataclass
+class PrefixCacheStats:
+    queries: int = 0  # prompt tokens looked up
+    hits: int = 0  # of those, tokens found in the cache
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+        if block_size < 1:
+            raise ValueError(f"block_size must be at least 1, got {block_size}")
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks, enable_caching)
+        self.enable_caching = enable_caching
+        self._blocks: dict[int, list[KVBlock]] = {}
+        self._num_cached: dict[int, int] = {}  # leading blocks of a seq already registered in the cache
+        self._pending_copies: list[tuple[int, int]] = []
+        self.prefix_stats = PrefixCacheStats()
+
+    # ---------------------------------------------------------------- queries
+    @property
+    def num_blocks(self) -> int:
+        return self.pool.num_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def usage(self) -> float:
+        return self.pool.usage
+
+    def block_ids(self, seq: Sequence) -> list[int]:
+        return [b.block_id for b in self._blocks.get(seq.seq_id, ())]
+
+    def blocks(self, seq: Sequence) -> list[KVBlock]:
+        return self._blocks.get(seq.seq_id, [])
+
+    def num_blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ------------------------------------------------------------- prefix cache
+    def get_computed_blocks(self, seq: Sequence) -> tuple[list[KVBlock], int]:
+        """Longest run of this sequence's leading full blocks present in the cache.
+
+        At least one token is always left to compute, because the step that computes it is the
+        one that yields the logits to sample from.
+        """
+        if not self.enable_caching:
+            return [], 0
+        self._extend_hashes(seq, seq.num_tokens)
+        max_blocks = (seq.num_tokens - 1) // self.block_size
+        hits: list[KVBlock] = []
+        for block_hash in seq.block_hashes[:max_blocks]:
+            block = self.pool.get_cached_block(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        if seq.num_cached_tokens < 0:  # count each prompt once, not again after a preemption
+            self.prefix_stats.queries += seq.num_tokens
+            self.prefix_stats.hits += len(hits) * self.block_size
+        return hits, len(hits) * self.block_size
+
+    def cache_computed_blocks(self, seq: Sequence) -> None:
+        """Register the sequence's full blocks whose KV has been written (after a step)."""
+        if not self.enable_caching:
+            return
+        blocks = self._blocks.get(seq.seq_id)
+        if not blocks:
+            return
+        num_full = min(seq.num_computed_tokens // self.block_size, len(blocks))
+        start = self._num_cached.get(seq.seq_id, 0)
+        if num_full <= start:
+            return
+        self._extend_hashes(seq, num_full * self.block_size)
+        for i in range(start, num_full):
+            self.pool.cache_block(blocks[i], seq.block_hashes[i])
+        self._num_cached[seq.seq_id] = num_full
+
+    def _extend_hashes(self, seq: Sequence, num_tokens: int) -> None:
+        bs = self.block_size
+        hashes = seq.block_hashes
+        while (len(hashes) + 1) * bs <= num_tokens:
+            i = len(hashes)
+            parent = hashes[-1] if hashes else None
+            hashes.append(hash_block_tokens(parent, seq.token_ids[i * bs:(i + 1) * bs]))
+
+    # --------------------------------------------------------------- allocation
+    def allocate_slots(self, seq: Sequence, num_new_tokens: int,
+                       computed_blocks: list[KVBlock] | None = None) -> bool:
+        """Make room for `num_new_tokens` more tokens after the computed ones (and after
+        `computed_blocks`, prefix-cache hits being adopted now). False, changing nothing, if
+        the pool cannot supply the blocks."""
+        computed_blocks = computed_blocks or []
+        blocks = self._blocks.setdefault(seq.seq_id, [])
+        num_computed = seq.num_computed_tokens + len(computed_blocks) * self.block_size
+        total_blocks = self.num_blocks_needed(num_computed + num_new_tokens)
+        num_new_blocks = max(0, total_blocks - len(blocks) - len(computed_blocks))
+
+        # Writing into a partial last block that another sequence also references needs a
+        # private copy first (copy-on-write).
+        cow = (
+            not computed_blocks
+            and num_new_tokens > 0
+            and num_computed % self.block_size != 0
+            and bool(blocks)
+            and blocks[num_computed // self.block_size].ref_cnt > 1
+        )
+        # Hits that are currently free would be taken out of the free queue by touch().
+        free_hits = sum(1 for b in computed_blocks if b.ref_cnt == 0)
+        if num_new_blocks + int(cow) > self.pool.num_free_blocks - free_hits:
+            if not blocks:
+                del self._blocks[seq.seq_id]
+            return False
+
+        if computed_blocks:
+            self.pool.touch(computed_blocks)
+            blocks.extend(computed_blocks)
+            self._num_cached[seq.seq_id] = len(blocks)
+        if cow:
+            idx = num_computed // self.block_size
+            (new_block,) = self.pool.get_new_blocks(1) or ()
+            old_block = blocks[idx]
+            self._pending_copies.append((old_block.block_id, new_block.block_id))
+            self.pool.free_blocks([old_block])
+            blocks[idx] = new_block
+        if num_new_blocks:
+            new_blocks = self.pool.get_new_blocks(num_new_blocks)
+            assert new_blocks is not None
+            blocks.extend(new_blocks)
+        return True
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """The child shares every block of the parent (one more reference each)."""
+        blocks = self._blocks.get(parent.seq_id, [])
+        self.pool.touch(blocks)
+        self._blocks[child.seq_id] = list(blocks)
+        self._num_cached[child.seq_id] = self._num_cached.get(parent.seq_id, 0)
+
+    def take_pending_copies(self) -> list[tuple[int, int]]:
+        """(src, dst) block copies the model runner must do before the next forward."""
+        copies, self._pending_copies = self._pending_copies, []
+        return copies
+
+    def free(self, seq: Sequence) -> None:
+        """Release the sequence's blocks. Tail blocks go first into the free queue so they are
+        evicted before the prefix blocks that other requests are likelier to share.
+
+        Blocks are registered in the prefix cache only after the step that wrote them succeeded
+        (`cache_computed_blocks`), so a failed step never leaves untrusted contents cached."""
+        blocks = self._blocks.pop(seq.seq_id, None)
+        self._num_cached.pop(seq.seq_id, None)
+        if blocks:
+            self.pool.free_blocks(reversed(blocks))
+
+    def check_all_free(self) -> None:
+        assert not self._blocks, f"sequences still hold blocks: {sorted(self._blocks)[:8]}"
+        self.pool.check_all_free()

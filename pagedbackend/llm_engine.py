@@ -1,0 +1,174 @@
+"""The synchronous engine: add requests, `step()` until done. One step = schedule, execute,
+update, detokenize. `LLM` drives it for offline batches; `AsyncLLMEngine` runs it on a thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from typing import Any, Mapping, Union
+
+from pagedbackend.config import EngineArgs, EngineConfig
+from pagedbackend.kv_cache_manager import KVCacheManager
+from pagedbackend.metrics import EngineStats
+from pagedbackend.model_runner import ModelRunner
+from pagedbackend.output_processor import OutputProcessor, RequestState
+from pagedbackend.outputs import RequestMetrics, RequestOutput
+from pagedbackend.sampling_params import SamplingParams
+from pagedbackend.scheduler import Scheduler
+from pagedbackend.sequence import Sequence, SequenceStatus
+from pagedbackend.tokenizer import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+# A prompt is text, or vLLM's dict forms {"prompt": text} / {"prompt_token_ids": [...]}.
+PromptType = Union[str, Mapping[str, Any]]
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, progress: bool = True) -> None:
+        self.config = config
+        self.tokenizer = load_tokenizer(config.tokenizer)
+        self.runner = ModelRunner(config, progress)
+        config.num_kv_blocks = self.runner.num_blocks
+        self.kv_cache_manager = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.max_model_len, config.enable_chunked_prefill)
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self.stats = EngineStats()
+        self._request_ids = itertools.count()
+        self._eos_ids = self._eos_token_ids()
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs, progress: bool = True) -> "LLMEngine":
+        return cls(args.create_engine_config(), progress)
+
+    def _eos_token_ids(self) -> tuple[int, ...]:
+        ids = list(self.config.model_config.eos_token_ids)
+        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
+        if tok_eos is not None and tok_eos not in ids:
+            ids.append(tok_eos)
+        return tuple(ids)
+
+    # --------------------------------------------------------------- requests
+    def new_request_id(self) -> str:
+        return str(next(self._request_ids))
+
+    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
+        """Validate a prompt and return (text, token ids); errors name the field."""
+        if isinstance(prompt, str):
+            text, ids = prompt, None
+        elif isinstance(prompt, Mapping):
+            unknown = set(prompt) - {"prompt", "prompt_token_ids"}
+            if unknown:
+                raise ValueError(f"prompt: unknown key(s) {', '.join(sorted(unknown))}; use 'prompt' or 'prompt_token_ids'")
+            text, ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
+            if text is not None and not isinstance(text, str):
+                raise ValueError(f"prompt must be a string, got {type(text).__name__}")
+        else:
+            raise ValueError(f"prompt must be a string or a dict with 'prompt' or 'prompt_token_ids', got {type(prompt).__name__}")
+        if ids is None:
+            if text is None or text == "":
+                raise ValueError("prompt must not be empty")
+            ids = self.tokenizer.encode(text)
+            if not ids:
+                raise ValueError("prompt: the text encodes to zero tokens")
+        else:
+            if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise ValueError("prompt_token_ids must be a list of integers")
+            if not ids:
+                raise ValueError("prompt_token_ids must not be empty")
+            vocab = self.config.model_config.vocab_size
+            bad = [t for t in ids if not 0 <= t < vocab]
+            if bad:
+                raise ValueError(f"prompt_token_ids: token id {bad[0]} is out of range [0, {vocab})")
+            ids = list(ids)
+        if len(ids) >= self.config.max_model_len:
+            raise ValueError(f"prompt is {len(ids)} tokens, max_model_len is {self.config.max_model_len}: "
+                             "it must be shorter to leave room for at least one generated token")
+        return text, ids
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                    arrival_time: float | None = None, priority: int = 0) -> None:
+        params = params if params is not None else SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+        if request_id in self.output_processor.states:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        text, ids = self.tokenize_prompt(prompt)
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        seqs = []
+        for i in range(params.n):
+            p = params.clone(_eos_token_ids=self._eos_ids,
+                             seed=None if params.seed is None else params.seed + i)
+            seqs.append(Sequence(request_id, ids, p, arrival, index=i, priority=priority))
+        self.scheduler.add_request(seqs)
+        op = self.output_processor
+        op.add(RequestState(request_id, text, ids, params, seqs,
+                            [op.make_detokenizer(ids, s.params) for s in seqs], RequestMetrics(arrival)))
+        self.stats.prompt_tokens += len(ids)
+
+    def abort_request(self, request_id: str) -> RequestOutput | None:
+        """End a request now and free its blocks; returns its final output (finish_reason
+        "abort"), or None if it is unknown or already finished."""
+        if not self.scheduler.finish_request(request_id, SequenceStatus.FINISHED_ABORTED):
+            return None
+        out = self.output_processor.finish_without_token(request_id)
+        if out is not None and out.finished:
+            self.stats.record_finished(out)
+        return out
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ------------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        sched_out = self.scheduler.schedule()
+        if sched_out.is_empty:
+            self.runner.sampler.forget(sched_out.finished_seq_ids)
+            return []
+        try:
+            tokens = self.runner.execute(sched_out)
+        except Exception as e:  # fail this step's requests, keep serving the rest
+            logger.exception("step failed; failing %d request(s)", len(sched_out.scheduled))
+            outputs = []
+            for request_id in self.scheduler.fail_step(sched_out):
+                out = self.output_processor.finish_without_token(request_id, f"{type(e).__name__}: {e}")
+                if out is not None:
+                    self.stats.record_finished(out)
+                    outputs.append(out)
+            return outputs
+        self.stats.steps += 1
+        updated = self.scheduler.update_from_output(sched_out, tokens)
+        self.stats.generation_tokens += len(updated)
+        outputs = self.output_processor.process(updated, self.scheduler)
+        for out in outputs:
+            if out.finished:
+                self.stats.record_finished(out)
+        return outputs
+
+    # ------------------------------------------------------------------ stats
+    def get_stats(self) -> dict[str, Any]:
+        sched = self.scheduler.stats
+        kv = self.kv_cache_manager
+        return {
+            "kv_cache_usage": kv.usage,
+            "num_kv_blocks": kv.num_blocks,
+            "num_free_blocks": kv.num_free_blocks,
+            "num_running": len(self.scheduler.running),
+            "num_waiting": len(self.scheduler.waiting),
+            "num_preemptions": sched.num_preemptions,
+            "max_batch_seqs": sched.max_batch_seqs,
+            "num_chunked_prefill_steps": sched.num_chunked_prefill_steps,
+            "prefix_cache_queries": kv.prefix_stats.queries,
+            "prefix_cache_hits": kv.prefix_stats.hits,
+            "prefix_cache_hit_rate": kv.prefix_stats.hit_rate,
+            "prompt_tokens": self.stats.prompt_tokens,
+            "generation_tokens": self.stats.generation_tokens,
+            "steps": self.stats.steps,
+        }
+
+    def check_all_blocks_free(self) -> None:
+        """AssertionError unless no request holds a block (tests call this after every run)."""
+        self.scheduler.check_all_free()

@@ -1,0 +1,152 @@
+"""Building blocks shared by the model families.
+
+Linear layers are written tensor-parallel style (vLLM's column/row split): a column-parallel
+layer holds a slice of the output features, a row-parallel one a slice of the input features
+and sums partial results across ranks. With one rank they are plain linear layers; each owns a
+`load()` that takes a full checkpoint tensor and keeps this rank's slice, so the loading code
+does not change when tensor parallelism arrives. Fused projections (q/k/v, gate/up) are one
+matmul, which is also what makes them fast on CPU.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pagedbackend.distributed import divide, get_tp_rank, get_tp_size, tp_all_reduce
+
+
+def _copy(param: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
+    if param.shape != loaded.shape:
+        raise ValueError(f"weight {name}: checkpoint shape {tuple(loaded.shape)} does not match the "
+                         f"model's {tuple(param.shape)} (is config.json right for these weights?)")
+    param.data.copy_(loaded)
+
+
+class ColumnParallelLinear(nn.Module):
+    """y = x W^T + b with W's rows (output features) split across ranks.
+
+    `output_sizes` lists the logical projections fused in this layer (e.g. q, k, v); each is
+    split across ranks separately, so `load(tensor, shard=i)` fills projection i.
+    """
+
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool):
+        super().__init__()
+        tp = get_tp_size()
+        self.input_size = input_size
+        self.output_sizes = [divide(s, tp, "output size") for s in output_sizes]
+        self.offsets = [sum(self.output_sizes[:i]) for i in range(len(self.output_sizes))]
+        out = sum(self.output_sizes)
+        self.weight = nn.Parameter(torch.empty(out, input_size), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight, self.bias)
+
+    def load(self, loaded: torch.Tensor, shard: int = 0, is_bias: bool = False, name: str = "") -> None:
+        size, offset = self.output_sizes[shard], self.offsets[shard]
+        part = loaded.narrow(0, get_tp_rank() * size, size) if get_tp_size() > 1 else loaded
+        target = self.bias if is_bias else self.weight
+        assert target is not None, f"{name}: layer has no bias"
+        _copy(target.narrow(0, offset, size), part, name)
+
+
+class RowParallelLinear(nn.Module):
+    """y = x W^T + b with W's columns (input features) split across ranks; partial sums are
+    all-reduced, and the bias is added once after the reduction."""
+
+    def __init__(self, input_size: int, output_size: int, bias: bool):
+        super().__init__()
+        self.input_size = divide(input_size, get_tp_size(), "input size")
+        self.weight = nn.Parameter(torch.empty(output_size, self.input_size), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(output_size), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = tp_all_reduce(F.linear(x, self.weight))
+        return y if self.bias is None else y + self.bias
+
+    def load(self, loaded: torch.Tensor, shard: int = 0, is_bias: bool = False, name: str = "") -> None:
+        if is_bias:
+            assert self.bias is not None, f"{name}: layer has no bias"
+            _copy(self.bias, loaded, name)
+            return
+        if get_tp_size() > 1:
+            loaded = loaded.narrow(1, get_tp_rank() * self.input_size, self.input_size)
+        _copy(self.weight, loaded, name)
+
+
+class VocabEmbedding(nn.Module):
+    """Token embedding; the vocabulary is the dimension a tensor-parallel run would split."""
+
+    def __init__(self, vocab_size: int, hidden_size: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight)
+
+    def load(self, loaded: torch.Tensor, shard: int = 0, is_bias: bool = False, name: str = "") -> None:
+        _copy(self.weight, loaded, name)
+
+
+class LMHead(nn.Module):
+    """Projection to vocabulary logits, tied to the embedding when the checkpoint says so."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, tied_to: VocabEmbedding | None = None):
+        super().__init__()
+        if tied_to is not None:
+            self.weight = tied_to.weight
+        else:
+            self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.weight)
+
+    def load(self, loaded: torch.Tensor, shard: int = 0, is_bias: bool = False, name: str = "") -> None:
+        _copy(self.weight, loaded, name)
+
+
+class RMSNorm(nn.Module):
+    """Computed in fp32 and cast back, as Llama's reference does (matters for parity)."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+    def load(self, loaded: torch.Tensor, shard: int = 0, is_bias: bool = False, name: str = "") -> None:
+        _copy(self.weight, loaded, name)
+
+
+class LayerNorm(nn.LayerNorm):
+    def load(self, loaded: torch.Tensor, shard: int = 0, is_bias: bool = False, name: str = "") -> None:
+        _copy(self.bias if is_bias else self.weight, loaded, name)
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """SwiGLU on a fused [gate | up] projection."""
+    gate, up = x.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def gelu_new(x: torch.Tensor) -> torch.Tensor:
+    """GPT-2's tanh approximation of GELU."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+ACTIVATIONS = {
+    "gelu_new": gelu_new,
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+    "silu": F.silu,
+}

@@ -1,0 +1,143 @@
+"""Llama and the families built like it: Mistral (sliding window) and Qwen2 (q/k/v bias,
+often tied embeddings). One module, switched by config fields, as the architectures differ
+only in those details."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from pagedbackend.attention.layer import PagedAttention
+from pagedbackend.attention.metadata import AttentionMetadata
+from pagedbackend.config import ModelConfig
+from pagedbackend.distributed import divide, get_tp_size
+from pagedbackend.models.base import CausalLM
+from pagedbackend.models.layers import (ACTIVATIONS, ColumnParallelLinear, LMHead, RMSNorm,
+                                        RowParallelLinear, VocabEmbedding)
+from pagedbackend.models.rotary import RotaryEmbedding, rope_parameters
+
+
+def layer_sliding_windows(mc: ModelConfig) -> list[int | None]:
+    """Sliding window per layer, following transformers: `layer_types` when present; else
+    Mistral applies `sliding_window` everywhere and Qwen2 only from `max_window_layers` on,
+    when `use_sliding_window` is set."""
+    hf = mc.hf
+    n = mc.num_layers
+    window = hf.get("sliding_window")
+    model_type = hf.get("model_type", "")
+    types = hf.get("layer_types")
+    if model_type == "qwen2" and not hf.get("use_sliding_window", False):
+        window = None
+    if window is None:
+        return [None] * n
+    if isinstance(types, list) and len(types) == n:
+        return [window if t == "sliding_attention" else None for t in types]
+    if model_type == "qwen2":
+        start = hf.get("max_window_layers", n)
+        return [window if i >= start else None for i in range(n)]
+    return [window] * n
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, mc: ModelConfig, rotary: RotaryEmbedding, sliding_window: int | None):
+        super().__init__()
+        hf = mc.hf
+        tp = get_tp_size()
+        self.num_heads = divide(mc.num_heads, tp, "num_attention_heads")
+        self.num_kv_heads = max(1, mc.num_kv_heads // tp)
+        self.head_dim = mc.head_dim
+        qwen2 = hf.get("model_type") == "qwen2"
+        qkv_bias = bool(hf.get("attention_bias", False)) or qwen2
+        o_bias = bool(hf.get("attention_bias", False)) and not qwen2
+        self.qkv_proj = ColumnParallelLinear(
+            hf.hidden_size, [mc.num_heads * self.head_dim, mc.num_kv_heads * self.head_dim,
+                             mc.num_kv_heads * self.head_dim], bias=qkv_bias)
+        self.o_proj = RowParallelLinear(mc.num_heads * self.head_dim, hf.hidden_size, bias=o_bias)
+        self.rotary = rotary
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim,
+                                   scale=self.head_dim ** -0.5, sliding_window=sliding_window)
+        self._split = [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
+                       self.num_kv_heads * self.head_dim]
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split(self._split, dim=-1)
+        q, k = self.rotary(positions, q.view(t, self.num_heads, self.head_dim),
+                           k.view(t, self.num_kv_heads, self.head_dim))
+        o = self.attn(q, k, v.view(t, self.num_kv_heads, self.head_dim), meta)
+        return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, mc: ModelConfig):
+        super().__init__()
+        hf = mc.hf
+        act = hf.get("hidden_act", "silu")
+        if act not in ACTIVATIONS:
+            raise ValueError(f"model: hidden_act {act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
+        self.act = ACTIVATIONS[act]
+        bias = bool(hf.get("mlp_bias", False))
+        inter = hf.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(hf.hidden_size, [inter, inter], bias=bias)
+        self.down_proj = RowParallelLinear(inter, hf.hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(self.act(gate) * up)
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, mc: ModelConfig, rotary: RotaryEmbedding, sliding_window: int | None):
+        super().__init__()
+        eps = mc.hf.get("rms_norm_eps", 1e-6)
+        self.input_layernorm = RMSNorm(mc.hf.hidden_size, eps)
+        self.self_attn = LlamaAttention(mc, rotary, sliding_window)
+        self.post_attention_layernorm = RMSNorm(mc.hf.hidden_size, eps)
+        self.mlp = LlamaMLP(mc)
+
+    def forward(self, positions, h, meta):
+        h = h + self.self_attn(positions, self.input_layernorm(h), meta)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class LlamaForCausalLM(CausalLM):
+    _STACKED = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+                "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+
+    def __init__(self, mc: ModelConfig):
+        super().__init__()
+        hf = mc.hf
+        max_pos = mc.max_position_embeddings or 2048
+        rope = rope_parameters(hf)
+        rotary = RotaryEmbedding(mc.head_dim, max_pos, rope,
+                                 float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))))
+        self.embed_tokens = VocabEmbedding(mc.vocab_size, hf.hidden_size)
+        windows = layer_sliding_windows(mc)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(mc, rotary, windows[i]) for i in range(mc.num_layers))
+        self.norm = RMSNorm(hf.hidden_size, hf.get("rms_norm_eps", 1e-6))
+        self.tied_embeddings = bool(hf.get("tie_word_embeddings", False))
+        self.lm_head = LMHead(mc.vocab_size, hf.hidden_size, self.embed_tokens if self.tied_embeddings else None)
+
+    def forward(self, input_ids, positions, meta):
+        h = self.embed_tokens(input_ids)
+        for layer in self.layers:
+            h = layer(positions, h, meta)
+        return self.norm(h)
+
+    def compute_logits(self, hidden):
+        return self.lm_head(hidden)
+
+    def map_weight_name(self, name):
+        if "rotary_emb.inv_freq" in name:
+            return None
+        if name == "lm_head.weight":
+            return None if self.tied_embeddings else ("lm_head", 0, False)
+        if name.startswith("model."):
+            name = name[len("model."):]
+        path, _, kind = name.rpartition(".")
+        is_bias = kind == "bias"
+        parent, _, leaf = path.rpartition(".")
+        if leaf in self._STACKED:
+            fused, shard = self._STACKED[leaf]
+            return f"{parent}.{fused}", shard, is_bias
+        return path, 0, is_bias

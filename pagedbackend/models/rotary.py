@@ -1,0 +1,90 @@
+"""Rotary position embedding (the rotate-half form Llama, Mistral and Qwen2 use).
+
+cos/sin are computed once for every position up to `max_position`, in fp32 with the same
+operations as the reference implementation, then indexed by each token's position, so a token
+gets the same rotation whether it is in a prefill chunk, a decode step or a recompute.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from pagedbackend.config import HFConfig
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+def rope_parameters(hf: HFConfig) -> dict[str, Any]:
+    """Normalise both spellings: transformers-5 `rope_parameters`, and the older top-level
+    `rope_theta` + `rope_scaling` that most published checkpoints still carry."""
+    params: dict[str, Any] = {}
+    scaling = hf.get("rope_scaling")
+    if isinstance(scaling, dict):
+        params.update(scaling)
+    new = hf.get("rope_parameters")
+    if isinstance(new, dict):
+        params.update(new)
+    if "rope_theta" not in params:
+        params["rope_theta"] = hf.get("rope_theta", 10000.0)
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    params["rope_type"] = rope_type
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(f"model: rope type {rope_type!r} is not supported; supported: {', '.join(SUPPORTED_ROPE_TYPES)}")
+    return params
+
+
+def inverse_frequencies(params: dict[str, Any], rotary_dim: int, max_position: int) -> torch.Tensor:
+    base = float(params["rope_theta"])
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim))
+    rope_type = params["rope_type"]
+    if rope_type == "linear":
+        inv_freq = inv_freq / float(params["factor"])
+    elif rope_type == "llama3":
+        factor = float(params["factor"])
+        low_freq_factor = float(params.get("low_freq_factor", 1.0))
+        high_freq_factor = float(params.get("high_freq_factor", 4.0))
+        old_context_len = float(params.get("original_max_position_embeddings", max_position))
+        low_freq_wavelen = old_context_len / low_freq_factor
+        high_freq_wavelen = old_context_len / high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        inv_freq = torch.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, head_dim: int, max_position: int, params: dict[str, Any], partial_rotary_factor: float = 1.0):
+        super().__init__()
+        self.head_dim = head_dim
+        self.rotary_dim = int(head_dim * partial_rotary_factor)
+        inv_freq = inverse_frequencies(params, self.rotary_dim, max_position)
+        positions = torch.arange(max_position, dtype=torch.float32)
+        freqs = positions[:, None] * inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.register_buffer("cos_cache", emb.cos(), persistent=False)
+        self.register_buffer("sin_cache", emb.sin(), persistent=False)
+
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """q: [T, Hq, D], k: [T, Hkv, D]; returns rotated copies."""
+        cos = self.cos_cache[positions].to(q.dtype).unsqueeze(1)
+        sin = self.sin_cache[positions].to(q.dtype).unsqueeze(1)
+        return self._apply(q, cos, sin), self._apply(k, cos, sin)
+
+    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        rd = self.rotary_dim
+        if rd == self.head_dim:
+            return x * cos + _rotate_half(x) * sin
+        rot, rest = x[..., :rd], x[..., rd:]
+        return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -1,0 +1,55 @@
+"""The model's tokenizer, and incremental detokenization for streaming.
+
+Decoding one token at a time is wrong for byte-level and SentencePiece vocabularies: a token
+can be half of a UTF-8 character, and a word's leading space depends on its neighbours. The
+detokenizer decodes a short window of recent tokens twice (with and without the new ones) and
+emits the difference, holding back while the window ends in an incomplete character.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+# Prompt tokens used as left context, so the first generated word gets its spacing right.
+_CONTEXT_TOKENS = 5
+
+
+def load_tokenizer(path: str) -> Any:
+    from transformers import AutoTokenizer
+
+    if not Path(path).is_dir():
+        raise ValueError(f"tokenizer: {path!r} is not a directory")
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # transformers raises many types for a missing/broken tokenizer
+        raise ValueError(f"tokenizer: cannot load a tokenizer from {path} ({type(e).__name__}: {e})") from e
+
+
+class IncrementalDetokenizer:
+    def __init__(self, tokenizer: Any, prompt_token_ids: list[int], skip_special_tokens: bool = True,
+                 spaces_between_special_tokens: bool = True) -> None:
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.spaces_between_special_tokens = spaces_between_special_tokens
+        self.ids: list[int] = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        self.prefix_offset = 0
+        self.read_offset = len(self.ids)
+        self.text = ""
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens,
+                                     clean_up_tokenization_spaces=False)
+
+    def add(self, token_id: int) -> str:
+        """Append one token; returns the newly complete text (possibly empty)."""
+        self.ids.append(token_id)
+        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset:])
+        if len(full) > len(prefix) and not full.endswith("\ufffd"):
+            delta = full[len(prefix):]
+            self.prefix_offset = self.read_offset
+            self.read_offset = len(self.ids)
+            self.text += delta
+            return delta
+        return ""

@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny random models in Hugging Face layout (built once per session), an
+engine factory that checks the block-free invariant after every test, and transformers'
+greedy `generate()` as the correctness oracle."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any import of a @triton.jit module
+
+from pathlib import Path  # noqa: E402
+from typing import Any, Callable  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+# name -> build_tiny_model kwargs. Together they cover GQA, MHA, MQA, sliding window, q/k/v
+# bias, tied and untied heads, rope scaling, sharded checkpoints and GPT-2's layout.
+TINY_MODELS: dict[str, dict[str, Any]] = {
+    "llama": dict(arch="llama", num_heads=4, num_kv_heads=2),
+    "llama-mha": dict(arch="llama", num_heads=4, num_kv_heads=4, seed=1),
+    "mistral": dict(arch="mistral", num_heads=4, num_kv_heads=1, sliding_window=40, seed=2),
+    "qwen2": dict(arch="qwen2", num_heads=4, num_kv_heads=2, seed=3),
+    "gpt2": dict(arch="gpt2", num_heads=4, seed=4),
+    "llama-rope-sharded": dict(arch="llama", num_heads=4, num_kv_heads=2, seed=5, tie_word_embeddings=True,
+                               rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0,
+                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+                               max_shard_size="300KB"),
+}
+PARITY_MODELS = ["llama", "llama-mha", "mistral", "qwen2", "gpt2"]
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from pagedbackend.tiny_model import train_tokenizer
+
+    return train_tokenizer(1024, seed=0)
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tiny_tokenizer) -> Callable[[str], Path]:
+    """model_dir(name) -> path of that tiny model, built on first use."""
+    from pagedbackend.tiny_model import build_tiny_model
+
+    root = tmp_path_factory.mktemp("models")
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            built[name] = build_tiny_model(root / name, tokenizer=tiny_tokenizer, **TINY_MODELS[name])
+        return built[name]
+
+    return get
+
+
+@pytest.fixture
+def make_engine():
+    """Build LLMEngines / LLMs; after the test every one of them must have all blocks free."""
+    from pagedbackend import LLM, EngineArgs, LLMEngine
+
+    engines: list[LLMEngine] = []
+
+    def make(model: Path | str, kind: str = "engine", **kwargs):
+        kwargs.setdefault("seed", 0)
+        if kind == "llm":
+            llm = LLM(str(model), **kwargs)
+            engines.append(llm.llm_engine)
+            return llm
+        engine = LLMEngine.from_engine_args(EngineArgs(model=str(model), **kwargs), progress=False)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        engine.check_all_blocks_free()

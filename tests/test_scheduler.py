@@ -1,0 +1,279 @@
+"""The scheduler with a fake model that really uses the paged KV cache: it writes each token
+id into its (block, offset) slot and derives the next token from what it reads back through
+the block table. Any mistake in allocation, sharing, copy-on-write, eviction or preemption
+changes what is read back, and therefore the output."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pagedbackend.kv_cache_manager import KVCacheManager
+from pagedbackend.sampling_params import SamplingParams
+from pagedbackend.scheduler import Scheduler, SchedulerOutput
+from pagedbackend.sequence import Sequence, SequenceStatus
+
+VOCAB = 1000
+
+
+def next_token(context: list[int], sample_index: int) -> int:
+    digest = hashlib.blake2b(repr((context, sample_index)).encode(), digest_size=4).digest()
+    return 2 + int.from_bytes(digest, "little") % (VOCAB - 2)  # never 0/1 (EOS is 1 in these tests)
+
+
+def reference(prompt: list[int], max_tokens: int, sample_index: int = 0) -> list[int]:
+    tokens = list(prompt)
+    for _ in range(max_tokens):
+        tokens.append(next_token(tokens, sample_index))
+    return tokens[len(prompt):]
+
+
+class FakeKVRunner:
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        self.slots: dict[tuple[int, int], int] = {}
+        self.copied_blocks = 0
+
+    def execute(self, out: SchedulerOutput) -> list[int]:
+        bs = self.block_size
+        for src, dst in out.blocks_to_copy:
+            for off in range(bs):
+                if (src, off) in self.slots:
+                    self.slots[(dst, off)] = self.slots[(src, off)]
+            self.copied_blocks += 1
+        context_of: dict[int, list[int]] = {}
+        for item in out.scheduled:
+            seq, start = item.seq, item.seq.num_computed_tokens
+            assert len(item.block_ids) * bs >= start + item.num_new_tokens
+            for p in range(start, start + item.num_new_tokens):
+                self.slots[(item.block_ids[p // bs], p % bs)] = seq.token_ids[p]
+        for item in out.scheduled:  # read back after the whole step wrote, as attention does
+            if item.sample:
+                end = item.seq.num_computed_tokens + item.num_new_tokens
+                ctx = [self.slots.get((item.block_ids[p // bs], p % bs)) for p in range(end)]
+                assert ctx == item.seq.token_ids[:end], f"KV cache corrupted for {item.seq}"
+                context_of[item.seq.seq_id] = ctx
+        tokens = []
+        for item in out.scheduled:
+            if item.sample:
+                ctx = context_of[item.seq.seq_id]
+                for s in [item.seq, *item.fork_children]:
+                    tokens.append(next_token(ctx, s.index))
+        return tokens
+
+
+def make(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=32, max_model_len=128,
+         chunked=True, caching=True):
+    kv = KVCacheManager(num_blocks, block_size, caching)
+    sched = Scheduler(kv, max_num_seqs, max_num_batched_tokens, max_model_len, chunked)
+    return sched, FakeKVRunner(block_size)
+
+
+def add(sched: Scheduler, rid: str, prompt: list[int], max_tokens: int, n: int = 1, arrival: float = 0.0):
+    params = SamplingParams(max_tokens=max_tokens, n=n, temperature=1.0, _eos_token_ids=(1,))
+    seqs = [Sequence(rid, prompt, params, arrival, index=i) for i in range(n)]
+    sched.add_request(seqs)
+    return seqs
+
+
+def run(sched: Scheduler, runner: FakeKVRunner, max_steps: int = 10_000) -> list[SchedulerOutput]:
+    outs = []
+    for _ in range(max_steps):
+        if not sched.has_unfinished():
+            return outs
+        out = sched.schedule()
+        sched.update_from_output(out, runner.execute(out))
+        outs.append(out)
+    raise AssertionError("scheduler did not finish: livelock")
+
+
+def test_running_requests_are_scheduled_before_waiting_ones():
+    sched, runner = make(max_num_batched_tokens=16)
+    add(sched, "a", list(range(10, 22)), 4)
+    out = sched.schedule()
+    sched.update_from_output(out, runner.execute(out))
+    add(sched, "b", list(range(30, 60)), 4)
+    out = sched.schedule()
+    assert [i.seq.request_id for i in out.scheduled] == ["a", "b"]
+    assert [i.num_new_tokens for i in out.scheduled] == [1, 15]  # b gets what is left: a chunk
+    assert not out.scheduled[1].sample
+    sched.update_from_output(out, runner.execute(out))
+    run(sched, runner)
+    sched.check_all_free()
+
+
+def test_long_prompt_is_split_into_chunks_within_the_token_budget():
+    sched, runner = make(max_num_batched_tokens=8)
+    (seq,) = add(sched, "a", list(range(100, 130)), 3)
+    outs = run(sched, runner)
+    assert all(o.num_batched_tokens <= 8 for o in outs)
+    assert [o.scheduled[0].num_new_tokens for o in outs[:4]] == [8, 8, 8, 6]
+    assert seq.output_token_ids == reference(list(range(100, 130)), 3)
+    sched.check_all_free()
+
+
+def test_without_chunked_prefill_a_prompt_waits_for_a_step_with_room_for_all_of_it():
+    sched, runner = make(max_num_batched_tokens=128, chunked=False)
+    add(sched, "a", list(range(10, 20)), 5)
+    add(sched, "b", list(range(30, 150)), 2)
+    out = sched.schedule()
+    assert [i.seq.request_id for i in out.scheduled] == ["a"]  # b (120 tokens) does not fit beside a
+    sched.update_from_output(out, runner.execute(out))
+    run(sched, runner)
+    sched.check_all_free()
+
+
+def test_preemption_takes_the_newest_request_and_it_resumes_with_the_same_tokens():
+    sched, runner = make(num_blocks=12, block_size=4, max_num_batched_tokens=64, max_model_len=48)
+    prompts = [list(range(k * 50, k * 50 + 9)) for k in range(4)]
+    seqs = [add(sched, f"r{k}", p, 20, arrival=k)[0] for k, p in enumerate(prompts)]
+    preempted = []
+    for _ in range(2000):
+        if not sched.has_unfinished():
+            break
+        out = sched.schedule()
+        preempted += [s.request_id for s in out.preempted]
+        sched.update_from_output(out, runner.execute(out))
+    assert preempted, "the pool should have been too small for all four"
+    assert "r0" not in preempted  # the oldest is never the victim while younger ones run
+    for seq, prompt in zip(seqs, prompts):
+        assert seq.output_token_ids == reference(prompt, 20)
+        assert seq.status == SequenceStatus.FINISHED_LENGTH
+    sched.check_all_free()
+
+
+def test_prefix_cache_hit_skips_the_shared_blocks():
+    sched, runner = make(block_size=4)
+    shared = list(range(500, 520))
+    add(sched, "a", shared + [1000 - 3], 2)
+    run(sched, runner)
+    (b,) = add(sched, "b", shared + [7, 8], 2)
+    out = sched.schedule()
+    assert b.num_cached_tokens == 20 and out.scheduled[0].num_new_tokens == 2
+    sched.update_from_output(out, runner.execute(out))
+    run(sched, runner)
+    assert b.output_token_ids == reference(shared + [7, 8], 2)
+    sched.check_all_free()
+
+
+def test_n_samples_fork_from_one_prefill_and_differ():
+    sched, runner = make(block_size=4)
+    prompt = list(range(40, 50))  # 2 full blocks + a partial one: forks must copy it on write
+    seqs = add(sched, "a", prompt, 6, n=3)
+    out = sched.schedule()
+    assert len(out.scheduled) == 1 and len(out.scheduled[0].fork_children) == 2
+    sched.update_from_output(out, runner.execute(out))
+    shared = sched.kv.blocks(seqs[0])[:2]
+    assert all(b.ref_cnt == 3 for b in shared)
+    run(sched, runner)
+    assert runner.copied_blocks == 2
+    for i, seq in enumerate(seqs):
+        assert seq.output_token_ids == reference(prompt, 6, sample_index=i)
+    assert len({tuple(s.output_token_ids) for s in seqs}) == 3
+    sched.check_all_free()
+
+
+def test_eos_stops_only_after_min_tokens():
+    sched, runner = make()
+    params = SamplingParams(max_tokens=10, min_tokens=3, _eos_token_ids=(1,))
+    seq = Sequence("a", [5, 6, 7], params, 0.0)
+    sched.add_request([seq])
+    out = sched.schedule()
+    sched.update_from_output(out, [1])  # EOS as the first token (only a buggy sampler does this)
+    assert not seq.is_finished
+    for _ in range(2):
+        out = sched.schedule()
+        sched.update_from_output(out, [9])
+    out = sched.schedule()
+    sched.update_from_output(out, [1])
+    assert seq.status == SequenceStatus.FINISHED_STOPPED and seq.num_output_tokens == 4
+    sched.check_all_free()
+
+
+def test_abort_of_a_waiting_running_or_unforked_request_frees_everything():
+    sched, runner = make(num_blocks=16, max_num_batched_tokens=16)
+    add(sched, "a", list(range(10, 30)), 50, n=2)
+    add(sched, "b", list(range(40, 45)), 50)
+    add(sched, "c", list(range(60, 70)), 50)
+    out = sched.schedule()  # a's first chunk only: its second sample is not forked yet
+    sched.update_from_output(out, runner.execute(out))
+    assert sched.finish_request("a", SequenceStatus.FINISHED_ABORTED)
+    assert sched.finish_request("c", SequenceStatus.FINISHED_ABORTED)  # still waiting
+    out = sched.schedule()
+    sched.update_from_output(out, runner.execute(out))
+    assert sched.finish_request("b", SequenceStatus.FINISHED_ABORTED)  # running
+    assert not sched.has_unfinished()
+    sched.check_all_free()
+
+
+requests_st = st.lists(
+    st.tuples(
+        st.integers(1, 40),  # prompt length
+        st.integers(1, 12),  # max_tokens
+        st.integers(1, 3),  # n
+        st.integers(0, 2),  # which shared prefix
+    ),
+    min_size=1, max_size=10,
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    requests=requests_st,
+    actions=st.lists(st.tuples(st.sampled_from(["step", "step", "step", "abort"]), st.integers(0, 9)), max_size=40),
+    num_blocks=st.integers(16, 48),
+    block_size=st.sampled_from([1, 2, 4, 8]),
+    budget=st.integers(8, 64),
+    max_num_seqs=st.integers(3, 8),
+    chunked=st.booleans(),
+    caching=st.booleans(),
+)
+def test_random_add_step_abort_keeps_outputs_exact_and_frees_every_block(
+        requests, actions, num_blocks, block_size, budget, max_num_seqs, chunked, caching):
+    max_model_len = 56
+    num_blocks = max(num_blocks, -(-max_model_len // block_size))
+    if not chunked:
+        budget = max(budget, max_model_len)
+    budget = max(budget, max_num_seqs)
+    sched, runner = make(num_blocks, block_size, max_num_seqs, budget, max_model_len, chunked, caching)
+    prefixes = [list(range(2 + 100 * k, 2 + 100 * k + 40)) for k in range(3)]
+    live: dict[str, tuple[list[Sequence], list[int], int]] = {}
+    aborted: set[str] = set()
+    pending = list(enumerate(requests))
+    for action, which in actions:
+        if pending:  # requests keep arriving while the engine runs
+            i, (plen, max_tokens, n, prefix) = pending.pop(0)
+            prompt = prefixes[prefix][:plen]
+            n = min(n, max_num_seqs)
+            live[f"r{i}"] = (add(sched, f"r{i}", prompt, max_tokens, n, arrival=i), prompt, max_tokens)
+        if action == "abort" and live:
+            rid = sorted(live)[which % len(live)]
+            sched.finish_request(rid, SequenceStatus.FINISHED_ABORTED)
+            aborted.add(rid)
+        elif sched.has_unfinished():
+            out = sched.schedule()
+            sched.update_from_output(out, runner.execute(out))
+    for i, (plen, max_tokens, n, prefix) in pending:
+        prompt = prefixes[prefix][:plen]
+        live[f"r{i}"] = (add(sched, f"r{i}", prompt, max_tokens, min(n, max_num_seqs), arrival=i), prompt, max_tokens)
+    run(sched, runner)
+    for rid, (seqs, prompt, max_tokens) in live.items():
+        if rid in aborted:
+            continue
+        for seq in seqs:
+            assert seq.status == SequenceStatus.FINISHED_LENGTH
+            expect = reference(prompt, max_tokens, seq.index)[: max_model_len - len(prompt)]
+            assert seq.output_token_ids == expect
+    sched.check_all_free()
+
+
+def test_request_id_reuse_is_rejected_while_in_flight():
+    sched, _ = make()
+    add(sched, "a", [3, 4], 2)
+    with pytest.raises(ValueError, match="already in use"):
+        add(sched, "a", [3, 4], 2)
+    sched.finish_request("a", SequenceStatus.FINISHED_ABORTED)
+    sched.check_all_free()
