@@ -21,7 +21,7 @@ _DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
-ATTENTION_BACKENDS = ("auto", "torch", "triton")
+ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
 LOAD_FORMATS = ("auto", "safetensors", "pt")
 # Default share of memory for the KV cache when neither num_kv_blocks nor a fraction is given.
 DEFAULT_KV_FRACTION = {"cuda": 0.9, "cpu": 0.2}
@@ -264,7 +264,12 @@ class EngineArgs:
 
         backend = self.attention_backend
         if backend == "auto":
-            backend = "triton" if device.startswith("cuda") and _triton_available() else "torch"
+            if device.startswith("cuda"):
+                backend = "triton" if _triton_available() else "torch"
+            else:
+                backend = "cpu" if dtype == torch.float32 and _native_cpu_available() else "torch"
+        if backend == "cpu" and device != "cpu":
+            raise ValueError(f"attention_backend='cpu' runs on the CPU only, but device={device!r}")
 
         kv_fraction = self.kv_cache_memory_fraction
         if kv_fraction is None and self.num_kv_blocks is None:
@@ -288,6 +293,12 @@ class EngineArgs:
             tensor_parallel_size=self.tensor_parallel_size,
             load_format=self.load_format,
         )
+
+
+def _native_cpu_available() -> bool:
+    from pagedbackend.kernels import cpu_native
+
+    return cpu_native.load() is not None
 
 
 def _triton_available() -> bool:

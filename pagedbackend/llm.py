@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
+from pagedbackend.async_engine import RequestFailedError
 from pagedbackend.config import EngineArgs
 from pagedbackend.llm_engine import LLMEngine, PromptType
 from pagedbackend.outputs import RequestOutput
@@ -59,4 +60,7 @@ class LLM:
             for request_id in ids:  # on an error or interrupt, leave no request holding blocks
                 if request_id not in results:
                     engine.abort_request(request_id)
+        failed = [results[i] for i in ids if results[i].error is not None]
+        if failed:
+            raise RequestFailedError(f"{len(failed)} of {len(ids)} request(s) failed; first: {failed[0].error}")
         return [results[i] for i in ids]

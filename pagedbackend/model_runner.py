@@ -92,7 +92,7 @@ class ModelRunner:
         if not out.scheduled:
             return []
         input_ids, positions, meta, logits_indices = self._prepare(out)
-        self.backend.prepare(meta, self.num_kv_heads, self.block_size)
+        self.backend.prepare(meta, self.kv_caches[0][0])
         hidden = self.model(input_ids, positions, meta)
         logits = self.model.compute_logits(hidden[logits_indices])
         seqs = out.sampling_sequences()
@@ -101,7 +101,9 @@ class ModelRunner:
 
     def _prepare(self, out: SchedulerOutput):
         items = out.scheduled
-        order = [i for i, it in enumerate(items) if it.num_new_tokens == 1]
+        # Decodes first, shortest context first: backends batch them in length-sorted chunks.
+        order = sorted((i for i, it in enumerate(items) if it.num_new_tokens == 1),
+                       key=lambda i: items[i].seq.num_computed_tokens)
         num_decodes = len(order)
         order += [i for i, it in enumerate(items) if it.num_new_tokens != 1]
 

@@ -32,6 +32,13 @@ TINY_MODELS: dict[str, dict[str, Any]] = {
 PARITY_MODELS = ["llama", "llama-mha", "mistral", "qwen2", "gpt2"]
 
 
+def available_backends() -> list[str]:
+    """Attention backends that can run here; parity tests run on each."""
+    from pagedbackend.kernels import cpu_native
+
+    return ["torch"] + (["cpu"] if cpu_native.load() is not None else [])
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     from pagedbackend.tiny_model import train_tokenizer

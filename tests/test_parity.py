@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import PARITY_MODELS
+from conftest import PARITY_MODELS, available_backends
 from helpers import hf_greedy, random_prompts
 from pagedbackend import SamplingParams
 
 MAX_NEW = 16
+BACKENDS = available_backends()
 # 17 prompts from 1 to 320 tokens, on and around block edges.
 LENGTHS = [1, 2, 15, 16, 17, 31, 33, 47, 64, 80, 100, 129, 160, 200, 257, 301, 320]
 
@@ -25,34 +26,40 @@ def _expected(path, prompts):
     return [hf_greedy(path, p, MAX_NEW) for p in prompts]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", PARITY_MODELS)
-def test_greedy_matches_transformers_with_chunked_prefill(name, model_dir, make_engine):
+def test_greedy_matches_transformers_with_chunked_prefill(name, backend, model_dir, make_engine):
     path = model_dir(name)
     prompts = random_prompts(LENGTHS, 1024, seed=11)
-    llm = make_engine(path, "llm", max_num_batched_tokens=64, max_num_seqs=16, max_model_len=512)
+    llm = make_engine(path, "llm", max_num_batched_tokens=64, max_num_seqs=16, max_model_len=512,
+                      attention_backend=backend)
     assert _generate(llm, prompts) == _expected(path, prompts)
     stats = llm.llm_engine.get_stats()
     assert stats["num_chunked_prefill_steps"] > 0
     assert stats["max_batch_seqs"] > 1
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", PARITY_MODELS)
-def test_greedy_matches_transformers_under_forced_preemption(name, model_dir, make_engine):
+def test_greedy_matches_transformers_under_forced_preemption(name, backend, model_dir, make_engine):
     path = model_dir(name)
     prompts = random_prompts(LENGTHS, 1024, seed=12)
     # 34 blocks x 16 tokens: barely one max-length sequence, far less than the batch needs.
-    llm = make_engine(path, "llm", num_kv_blocks=34, max_num_batched_tokens=128, max_num_seqs=16, max_model_len=512)
+    llm = make_engine(path, "llm", num_kv_blocks=34, max_num_batched_tokens=128, max_num_seqs=16, max_model_len=512,
+                      attention_backend=backend)
     assert _generate(llm, prompts) == _expected(path, prompts)
     assert llm.llm_engine.get_stats()["num_preemptions"] > 0
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", PARITY_MODELS)
-def test_greedy_matches_transformers_with_prefix_cache_hits(name, model_dir, make_engine):
+def test_greedy_matches_transformers_with_prefix_cache_hits(name, backend, model_dir, make_engine):
     path = model_dir(name)
     shared = random_prompts([150], 1024, seed=13)[0]
     tails = random_prompts([1, 3, 16, 20, 37, 60, 5, 9, 90, 2, 17, 33, 44, 55, 66, 77], 1024, seed=14)
     prompts = [shared + t for t in tails] + [shared[:70], shared]
-    llm = make_engine(path, "llm", max_num_batched_tokens=256, max_num_seqs=8, max_model_len=512)
+    llm = make_engine(path, "llm", max_num_batched_tokens=256, max_num_seqs=8, max_model_len=512,
+                      attention_backend=backend)
     first = _generate(llm, prompts[:1])  # fills the cache with the shared prefix
     rest = _generate(llm, prompts[1:])
     assert first + rest == _expected(path, prompts)

@@ -12,8 +12,9 @@ from pagedbackend.attention.metadata import AttentionMetadata
 class AttentionBackend(Protocol):
     name: str
 
-    def prepare(self, meta: AttentionMetadata, num_kv_heads: int, block_size: int) -> None:
-        """Precompute per-step helpers (called once per step, before the layers run)."""
+    def prepare(self, meta: AttentionMetadata, key_cache: torch.Tensor) -> None:
+        """Precompute per-step helpers (called once per step, before the layers run);
+        `key_cache` is any layer's key cache, for its shape and dtype."""
 
     def forward(
         self,

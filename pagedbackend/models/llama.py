@@ -59,12 +59,14 @@ class LlamaAttention(nn.Module):
         self._split = [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
                        self.num_kv_heads * self.head_dim]
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split(self._split, dim=-1)
-        q, k = self.rotary(positions, q.view(t, self.num_heads, self.head_dim),
-                           k.view(t, self.num_kv_heads, self.head_dim))
-        o = self.attn(q, k, v.view(t, self.num_kv_heads, self.head_dim), meta)
+        qkv = self.qkv_proj(x)
+        q_size, kv_size = self._split[0], self._split[1]
+        qk = self.rotary.apply(qkv[:, :q_size + kv_size].view(t, self.num_heads + self.num_kv_heads, self.head_dim), *rope)
+        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
+        v = qkv[:, q_size + kv_size:].view(t, self.num_kv_heads, self.head_dim)
+        o = self.attn(q, k, v, meta)
         return self.o_proj(o.reshape(t, self.num_heads * self.head_dim))
 
 
@@ -83,7 +85,7 @@ class LlamaMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj(self.act(gate).mul_(up))
 
 
 class LlamaDecoderLayer(nn.Module):
@@ -95,8 +97,8 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(mc.hf.hidden_size, eps)
         self.mlp = LlamaMLP(mc)
 
-    def forward(self, positions, h, meta):
-        h = h + self.self_attn(positions, self.input_layernorm(h), meta)
+    def forward(self, rope, h, meta):
+        h = h + self.self_attn(rope, self.input_layernorm(h), meta)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -109,19 +111,20 @@ class LlamaForCausalLM(CausalLM):
         hf = mc.hf
         max_pos = mc.max_position_embeddings or 2048
         rope = rope_parameters(hf)
-        rotary = RotaryEmbedding(mc.head_dim, max_pos, rope,
-                                 float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))))
+        self.rotary = RotaryEmbedding(mc.head_dim, max_pos, rope,
+                                      float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))))
         self.embed_tokens = VocabEmbedding(mc.vocab_size, hf.hidden_size)
         windows = layer_sliding_windows(mc)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(mc, rotary, windows[i]) for i in range(mc.num_layers))
+        self.layers = nn.ModuleList(LlamaDecoderLayer(mc, self.rotary, windows[i]) for i in range(mc.num_layers))
         self.norm = RMSNorm(hf.hidden_size, hf.get("rms_norm_eps", 1e-6))
         self.tied_embeddings = bool(hf.get("tie_word_embeddings", False))
         self.lm_head = LMHead(mc.vocab_size, hf.hidden_size, self.embed_tokens if self.tied_embeddings else None)
 
     def forward(self, input_ids, positions, meta):
         h = self.embed_tokens(input_ids)
+        rope = self.rotary.cos_sin(positions, h.dtype)
         for layer in self.layers:
-            h = layer(positions, h, meta)
+            h = layer(rope, h, meta)
         return self.norm(h)
 
     def compute_logits(self, hidden):

@@ -66,25 +66,29 @@ class RotaryEmbedding(nn.Module):
         self.rotary_dim = int(head_dim * partial_rotary_factor)
         inv_freq = inverse_frequencies(params, self.rotary_dim, max_position)
         positions = torch.arange(max_position, dtype=torch.float32)
-        freqs = positions[:, None] * inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        self.register_buffer("cos_cache", emb.cos(), persistent=False)
-        self.register_buffer("sin_cache", emb.sin(), persistent=False)
+        freqs = positions[:, None] * inv_freq[None, :]  # [max_position, rotary_dim / 2]
+        self.register_buffer("cos_cache", freqs.cos(), persistent=False)
+        self.register_buffer("sin_cache", freqs.sin(), persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """q: [T, Hq, D], k: [T, Hkv, D]; returns rotated copies."""
-        cos = self.cos_cache[positions].to(q.dtype).unsqueeze(1)
-        sin = self.sin_cache[positions].to(q.dtype).unsqueeze(1)
-        return self._apply(q, cos, sin), self._apply(k, cos, sin)
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin for a step's tokens, [T, 1, rotary_dim / 2]; looked up once per step and
+        shared by every layer."""
+        return (self.cos_cache[positions].to(dtype).unsqueeze(1),
+                self.sin_cache[positions].to(dtype).unsqueeze(1))
 
-    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        rd = self.rotary_dim
-        if rd == self.head_dim:
-            return x * cos + _rotate_half(x) * sin
-        rot, rest = x[..., :rd], x[..., rd:]
-        return torch.cat((rot * cos + _rotate_half(rot) * sin, rest), dim=-1)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate x: [T, heads, head_dim] (q and k heads together, one pass). Pairs (i, i + d/2)
+        as the rotate-half reference does: [x1 cos - x2 sin, x2 cos + x1 sin]."""
+        half = self.rotary_dim // 2
+        # Row-major output (x may be a transposed view of the fused projection): attention
+        # kernels want each head's vector contiguous.
+        out = torch.empty_like(x, memory_format=torch.contiguous_format)
+        if self.rotary_dim != self.head_dim:
+            out[..., self.rotary_dim:] = x[..., self.rotary_dim:]
+        x1, x2 = x[..., :half], x[..., half:self.rotary_dim]
+        o1, o2 = out[..., :half], out[..., half:self.rotary_dim]
+        torch.mul(x1, cos, out=o1)
+        o1.sub_(x2 * sin)
+        torch.mul(x2, cos, out=o2)
+        o2.add_(x1 * sin)
+        return out

@@ -1,0 +1,195 @@
+"""Offline throughput: pagedbackend vs transformers (one request at a time, and static batches
+with left padding), same model, same requests, one invocation.
+
+    python benchmarks/throughput.py                      # the reference workload (~8 minutes)
+    python benchmarks/throughput.py --sequential-requests 16 --static-batch-sizes 16,32
+
+Prints a table (generated and total tok/s, ratios) and the fraction of this machine's compute
+ceiling, checks that greedy outputs agree, and writes benchmarks/out/throughput.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from workload import OUT, random_token_workload, reference_model  # noqa: E402
+
+
+def cpu_pressure() -> str:
+    try:
+        return open("/proc/pressure/cpu").readline().strip()
+    except OSError:
+        return "n/a"
+
+
+def run_pagedbackend(model: Path, requests, args) -> tuple[float, list[list[int]]]:
+    from pagedbackend import LLM, SamplingParams
+
+    llm = LLM(str(model), max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+              enable_prefix_caching=False)  # the prompts are random: caching could only hide repeats across runs
+    params = [SamplingParams(temperature=0.0, max_tokens=r.max_tokens, ignore_eos=True) for r in requests]
+    warm = [{"prompt_token_ids": list(range(10, 74))}] * 4
+    llm.generate(warm, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
+    times, outputs = [], None
+    for _ in range(args.repeat):
+        start = time.perf_counter()
+        outs = llm.generate([{"prompt_token_ids": r.prompt_token_ids} for r in requests], params, use_tqdm=False)
+        times.append(time.perf_counter() - start)
+        outputs = [o.outputs[0].token_ids for o in outs]
+    llm.llm_engine.check_all_blocks_free()
+    return statistics.median(times), outputs
+
+
+def load_hf(model: Path):
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, attn_implementation="sdpa").eval()
+    hf.generation_config.eos_token_id = None  # = ignore_eos: always generate max_new_tokens
+    hf.generation_config.pad_token_id = 0
+    return hf
+
+
+@torch.inference_mode()
+def run_hf_sequential(hf, requests) -> tuple[float, list[list[int]]]:
+    outputs = []
+    start = time.perf_counter()
+    for r in requests:
+        ids = torch.tensor([r.prompt_token_ids])
+        out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=r.max_tokens, do_sample=False)
+        outputs.append(out[0, ids.shape[1]:].tolist())
+    return time.perf_counter() - start, outputs
+
+
+@torch.inference_mode()
+def run_hf_static(hf, requests, batch_size: int) -> tuple[float, list[list[int]]]:
+    outputs = []
+    start = time.perf_counter()
+    for i in range(0, len(requests), batch_size):
+        batch = requests[i:i + batch_size]
+        width = max(len(r.prompt_token_ids) for r in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.long)
+        for j, r in enumerate(batch):  # left padding, as generate() expects for decoder-only models
+            ids[j, width - len(r.prompt_token_ids):] = torch.tensor(r.prompt_token_ids)
+            mask[j, width - len(r.prompt_token_ids):] = 1
+        out = hf.generate(ids, attention_mask=mask, max_new_tokens=max(r.max_tokens for r in batch), do_sample=False)
+        outputs += [out[j, width:width + r.max_tokens].tolist() for j, r in enumerate(batch)]
+    return time.perf_counter() - start, outputs
+
+
+def gemm_rate() -> float:
+    """This machine's fp32 matmul rate now (GFLOP/s), on a prefill-sized GEMM of the model."""
+    a, b = torch.randn(2048, 512), torch.randn(512, 2752)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    return 10 * 2 * 2048 * 512 * 2752 / (time.perf_counter() - start) / 1e9
+
+
+def workload_flops(model: Path, requests) -> float:
+    """Matmul FLOPs the workload needs at least: every token through the layers, the vocabulary
+    projection only where a token is sampled."""
+    cfg = json.loads((model / "config.json").read_text())
+    h, inter, layers, vocab = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"], cfg["vocab_size"]
+    kv = cfg["num_key_value_heads"] * (h // cfg["num_attention_heads"])
+    per_token = 2 * layers * (h * (h + 2 * kv) + h * h + 3 * h * inter)
+    prompt = sum(len(r.prompt_token_ids) for r in requests)
+    generated = sum(r.max_tokens for r in requests)
+    return (prompt + generated) * per_token + generated * 2 * h * vocab
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> str:
+    same = sum(x == y for x, y in zip(a, b))
+    return f"{same}/{len(a)}"
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=None, help="default: the 56M reference Llama (built if missing)")
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--min-prompt", type=int, default=64)
+    p.add_argument("--max-prompt", type=int, default=256)
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--threads", type=int, default=2, help="torch threads, the same for every engine")
+    p.add_argument("--sequential-requests", type=int, default=None,
+                   help="run transformers one-at-a-time on only the first N requests (its tok/s is per token)")
+    p.add_argument("--static-batch-sizes", default="8,16,32")
+    p.add_argument("--max-num-seqs", type=int, default=256)
+    p.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    p.add_argument("--repeat", type=int, default=2, help="pagedbackend runs (median reported)")
+    p.add_argument("--skip-hf", action="store_true")
+    p.add_argument("--out", type=Path, default=OUT / "throughput.json")
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    model = args.model or reference_model()
+    requests = random_token_workload(args.num_requests, args.min_prompt, args.max_prompt, args.max_tokens)
+    prompt_tokens = sum(len(r.prompt_token_ids) for r in requests)
+    gen_tokens = sum(r.max_tokens for r in requests)
+    print(f"model {model} | {len(requests)} requests, {prompt_tokens} prompt + {gen_tokens} generated tokens | "
+          f"torch {torch.__version__}, {args.threads} threads | cpu {cpu_pressure()}", flush=True)
+
+    rows = []  # (engine, seconds, generated tokens, total tokens)
+    t, ours = run_pagedbackend(model, requests, args)
+    rows.append(("pagedbackend", t, gen_tokens, prompt_tokens + gen_tokens))
+    print(f"  pagedbackend: {t:.1f}s", flush=True)
+    checks = {}
+    if not args.skip_hf:
+        hf = load_hf(model)
+        seq_reqs = requests[:args.sequential_requests] if args.sequential_requests else requests
+        t, seq_out = run_hf_sequential(hf, seq_reqs)
+        rows.append(("transformers sequential", t, sum(r.max_tokens for r in seq_reqs),
+                     sum(len(r.prompt_token_ids) + r.max_tokens for r in seq_reqs)))
+        print(f"  transformers sequential: {t:.1f}s", flush=True)
+        checks["pagedbackend == transformers sequential (greedy)"] = agreement(ours[:len(seq_out)], seq_out)
+        for bs in [int(x) for x in args.static_batch_sizes.split(",") if x]:
+            t, st_out = run_hf_static(hf, requests, bs)
+            rows.append((f"transformers static batch {bs}", t, gen_tokens, prompt_tokens + gen_tokens))
+            print(f"  transformers static batch {bs}: {t:.1f}s", flush=True)
+            checks[f"pagedbackend == static batch {bs}"] = agreement(ours, st_out)
+
+    rate = gemm_rate()
+    ceiling = gen_tokens / (workload_flops(model, requests) / (rate * 1e9))
+    by = {name: gen / secs for name, secs, gen, _ in rows}
+    seq = by.get("transformers sequential")
+    best_static = max((v for k, v in by.items() if k.startswith("transformers static")), default=None)
+
+    print()
+    print(f"| engine | time (s) | generated tok/s | total tok/s | vs sequential | vs best static |")
+    print(f"|---|---:|---:|---:|---:|---:|")
+    for name, secs, gen, total in rows:
+        g = gen / secs
+        vs_seq = f"{g / seq:.1f}x" if seq else "-"
+        vs_static = f"{g / best_static:.2f}x" if best_static else "-"
+        print(f"| {name} | {secs:.1f} | {g:.0f} | {total / secs:.0f} | {vs_seq} | {vs_static} |")
+    ours_rate = by["pagedbackend"]
+    print(f"\nmatmul rate now: {rate:.0f} GFLOP/s -> compute ceiling for this workload ~{ceiling:.0f} generated tok/s; "
+          f"pagedbackend reaches {ours_rate / ceiling:.0%} of it")
+    for k, v in checks.items():
+        print(f"check: {k}: {v}")
+    print(f"cpu pressure after: {cpu_pressure()}")
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({
+        "model": str(model), "threads": args.threads, "requests": len(requests), "prompt_tokens": prompt_tokens,
+        "generated_tokens": gen_tokens, "rows": [dict(engine=n, seconds=s, generated_tok_s=g / s, total_tok_s=t / s)
+                                                 for n, s, g, t in rows],
+        "gemm_gflops": rate, "ceiling_generated_tok_s": ceiling, "checks": checks,
+        "date": time.strftime("%Y-%m-%d %H:%M"), "host_cpus": os.cpu_count(),
+    }, indent=2))
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

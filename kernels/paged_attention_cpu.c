@@ -1,0 +1,142 @@
+/*
+ * Paged decode attention for CPUs: one query token per sequence, keys and values read in place
+ * from the paged cache (layout: pagedbackend/kernels/layout.py), one pass over each K/V tile.
+ *
+ * Why native code: in PyTorch the same computation needs a gather of every sequence's context
+ * followed by batched matrix-vector products; both are memory-bound passes and the gather
+ * writes a copy, so decode attention cost ~3x a single read of the cache. Here each
+ * (sequence, KV head) is one task that streams its blocks once, serving all query heads of
+ * the group (GQA) from the same tile.
+ *
+ * Built at first use by pagedbackend.kernels.cpu_native with the system C compiler and
+ * OpenMP; the process shares the OpenMP runtime PyTorch already loaded.
+ */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#define MAX_GROUP 64
+
+/* Blocks of a sequence sit at unrelated addresses, so the hardware prefetcher cannot follow
+ * the block table: while a tile is processed, the same row of the next block's tile is
+ * requested. */
+static inline void prefetch_row(const float *row, int64_t head_dim) {
+    for (int64_t d = 0; d < head_dim; d += 16) __builtin_prefetch(row + d, 0, 3);
+}
+
+/* exp(x) for the softmax's x <= 0, written so the compiler vectorizes it (libm's expf is a
+ * scalar call): x = n ln2 + r with |r| <= ln2/2 (Cody-Waite split), exp(r) by the Cephes
+ * polynomial, 2^n through the exponent bits. Relative error ~1e-7 over the range used. */
+static inline float exp_nonpositive(float x) {
+    x = x < -87.0f ? -87.0f : x;
+    const float n = floorf(x * 1.44269504088896341f + 0.5f);
+    const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { int32_t i; float f; } scale_bits;
+    scale_bits.i = ((int32_t)n + 127) << 23;
+    return p * scale_bits.f;
+}
+
+/* out: [num_seqs, num_heads, head_dim] contiguous; q: same shape, rows q_stride_seq and heads
+ * q_stride_head floats apart (head_dim contiguous); caches: [num_blocks, num_kv_heads, block_size,
+ * head_dim] contiguous; block_tables: [num_seqs, bt_stride] int32; seq_lens: [num_seqs] int32.
+ * sliding_window <= 0 means none; a query at position L-1 sees keys in [L - window, L). */
+int paged_decode_attention_f32(float *out, const float *q, int64_t q_stride_seq, int64_t q_stride_head,
+                               const float *k_cache, const float *v_cache,
+                               const int32_t *block_tables, int64_t bt_stride, const int32_t *seq_lens,
+                               int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
+                               int64_t block_size, float scale, int64_t sliding_window, int64_t max_seq_len) {
+    const int64_t group = num_heads / num_kv_heads;
+    if (group > MAX_GROUP || group * num_kv_heads != num_heads) return -1;
+    int failed = 0;
+
+#pragma omp parallel
+    {
+        /* Scores of one task: group x max_seq_len, reused across the thread's tasks. */
+        float *scores = (float *)malloc(sizeof(float) * (size_t)group * (size_t)(max_seq_len > 0 ? max_seq_len : 1));
+        if (scores == NULL) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp for collapse(2) schedule(dynamic, 1)
+        for (int64_t s = 0; s < num_seqs; s++) {
+            for (int64_t kvh = 0; kvh < num_kv_heads; kvh++) {
+                if (scores == NULL) continue;
+                const int64_t len = seq_lens[s];
+                const int64_t first = (sliding_window > 0 && len > sliding_window) ? len - sliding_window : 0;
+                const int64_t n = len - first;
+                const int32_t *table = block_tables + s * bt_stride;
+                const float *qs = q + s * q_stride_seq + kvh * group * q_stride_head;
+                /* q . k for every visible position, block by block: a block's rows for this
+                 * head are one contiguous block_size x head_dim tile. */
+                for (int64_t b = first / block_size; b * block_size < len; b++) {
+                    const float *tile = k_cache + ((int64_t)table[b] * num_kv_heads + kvh) * block_size * head_dim;
+                    const float *next = (b + 1) * block_size < len
+                        ? k_cache + ((int64_t)table[b + 1] * num_kv_heads + kvh) * block_size * head_dim : tile;
+                    const int64_t lo = b * block_size < first ? first - b * block_size : 0;
+                    const int64_t hi = (b + 1) * block_size > len ? len - b * block_size : block_size;
+                    for (int64_t t = lo; t < hi; t++) {
+                        prefetch_row(next + t * head_dim, head_dim);
+                        const float *krow = tile + t * head_dim;
+                        float *srow = scores + (b * block_size + t - first);
+                        for (int64_t g = 0; g < group; g++) {
+                            const float *qg = qs + g * q_stride_head;
+                            float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+                            for (int64_t d = 0; d < head_dim; d++) acc += qg[d] * krow[d];
+                            srow[g * n] = acc * scale;
+                        }
+                    }
+                }
+                float inv_sum[MAX_GROUP];
+                for (int64_t g = 0; g < group; g++) {
+                    float *sg = scores + g * n;
+                    float mx = sg[0];
+#pragma omp simd reduction(max : mx)
+                    for (int64_t i = 1; i < n; i++) mx = sg[i] > mx ? sg[i] : mx;
+                    float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+                    for (int64_t i = 0; i < n; i++) {
+                        sg[i] = exp_nonpositive(sg[i] - mx);
+                        sum += sg[i];
+                    }
+                    inv_sum[g] = 1.f / sum;
+                }
+                /* out = softmax . V, streaming each value tile once for the whole group. */
+                float acc_out[MAX_GROUP * 256];
+                float *os = out + (s * num_heads + kvh * group) * head_dim;
+                float *acc = head_dim <= 256 ? acc_out : os;
+                for (int64_t i = 0; i < group * head_dim; i++) acc[i] = 0.f;
+                for (int64_t b = first / block_size; b * block_size < len; b++) {
+                    const float *tile = v_cache + ((int64_t)table[b] * num_kv_heads + kvh) * block_size * head_dim;
+                    const float *next = (b + 1) * block_size < len
+                        ? v_cache + ((int64_t)table[b + 1] * num_kv_heads + kvh) * block_size * head_dim : tile;
+                    const int64_t lo = b * block_size < first ? first - b * block_size : 0;
+                    const int64_t hi = (b + 1) * block_size > len ? len - b * block_size : block_size;
+                    for (int64_t t = lo; t < hi; t++) {
+                        prefetch_row(next + t * head_dim, head_dim);
+                        const float *vrow = tile + t * head_dim;
+                        const int64_t i = b * block_size + t - first;
+                        for (int64_t g = 0; g < group; g++) {
+                            const float p = scores[g * n + i];
+                            float *ag = acc + g * head_dim;
+#pragma omp simd
+                            for (int64_t d = 0; d < head_dim; d++) ag[d] += p * vrow[d];
+                        }
+                    }
+                }
+                for (int64_t g = 0; g < group; g++)
+#pragma omp simd
+                    for (int64_t d = 0; d < head_dim; d++) os[g * head_dim + d] = acc[g * head_dim + d] * inv_sum[g];
+            }
+        }
+        free(scores);
+    }
+    return failed ? -2 : 0;
+}

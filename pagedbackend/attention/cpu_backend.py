@@ -1,0 +1,34 @@
+"""The CPU attention backend: the torch backend with decode attention done by a native kernel
+that reads K/V tiles in place from the paged cache (pagedbackend/kernels/paged_attention_cpu.c)
+instead of gathering them first. Prefill chunks and the KV write are the torch backend's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pagedbackend.attention.metadata import AttentionMetadata
+from pagedbackend.attention.torch_backend import TorchAttentionBackend
+from pagedbackend.kernels.cpu_native import NativeKernels
+
+
+class CpuAttentionBackend(TorchAttentionBackend):
+    name = "cpu"
+
+    def __init__(self, kernels: NativeKernels) -> None:
+        super().__init__()
+        self.kernels = kernels
+
+    def _decode_chunks(self, meta: AttentionMetadata, key_cache: torch.Tensor) -> list:
+        if key_cache.dtype != torch.float32:
+            return super()._decode_chunks(meta, key_cache)
+        return []  # the native kernel handles all decodes in one call
+
+    def _decode_batch(self, out, q, key_cache, value_cache, meta: AttentionMetadata, scale, window) -> None:
+        if key_cache.dtype != torch.float32:
+            return super()._decode_batch(out, q, key_cache, value_cache, meta, scale, window)
+        nd = meta.num_decodes
+        if q.stride(-1) != 1:  # e.g. GPT-2's q, a strided view of the fused projection
+            q = q.contiguous()
+        self.kernels.paged_decode_attention(out, q, key_cache, value_cache, meta.block_tables[:nd],
+                                            meta.seq_lens[:nd], scale, window, max(meta.seq_lens_host[:nd]))
