@@ -189,30 +189,33 @@ class AsyncLLMEngine:
                     if self._stopping:
                         break
                     commands, self._commands = self._commands, []
+                outputs: list[RequestOutput] = []
                 for cmd in commands:
-                    self._apply(cmd)
+                    outputs += self._apply(cmd)
                 if self.engine.has_unfinished_requests():
-                    self._dispatch(self.engine.step())
+                    outputs += self.engine.step()
+                # Snapshot before handing outputs over: a client that sees its request finish
+                # must also see stats that include it.
                 stats = self.engine.get_stats()
                 with self._cv:
                     self._stats = stats
+                self._dispatch(outputs)
         except BaseException as e:  # a bug in the loop itself: do not leave clients hanging
             logger.exception("engine loop died")
             self._dead = e
         finally:
             self._fail_all(EngineDeadError("the engine shut down" if self._dead is None else f"the engine loop died: {self._dead}"))
 
-    def _apply(self, cmd: _Add | _Abort) -> None:
+    def _apply(self, cmd: _Add | _Abort) -> list[RequestOutput]:
         if isinstance(cmd, _Add):
             try:
                 self.engine.add_request(cmd.stream.request_id, cmd.prompt, cmd.params, priority=cmd.priority)
             except Exception as e:
                 self._drop(cmd.stream.request_id)
                 cmd.stream._put(e if isinstance(e, ValueError) else RequestFailedError(str(e)))
-        else:
-            out = self.engine.abort_request(cmd.request_id)
-            if out is not None:
-                self._dispatch([out])
+            return []
+        out = self.engine.abort_request(cmd.request_id)
+        return [out] if out is not None else []
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
