@@ -1,5 +1,6 @@
 # Two commands do all set-up on a fresh machine:
-#   make demo   create .venv if missing, build the small demo model, run it (streams to the terminal)
+#   make demo   create .venv if missing, build the small demo model, serve it with TorchServe,
+#               stream one answer with curl, stop TorchServe
 #   make test   create .venv if missing, run the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
@@ -28,8 +29,7 @@ $(DEMO_MODEL)/config.json: | $(STAMP)
 		--num-heads 8 --num-kv-heads 4 --vocab-size 2048 --max-position-embeddings 2048 --init-std 0.05
 
 demo: $(STAMP) $(DEMO_MODEL)/config.json
-	$(VENV)/bin/pagedbackend generate --model $(DEMO_MODEL) --prompt "$(DEMO_PROMPT)" --max-tokens 64 \
-		--temperature 0.8 --top-p 0.95 --sample-seed 0
+	$(PY) examples/torchserve/demo.py --model $(DEMO_MODEL) --prompt "$(DEMO_PROMPT)"
 
 bench: $(STAMP)
 	$(PY) benchmarks/throughput.py

@@ -2,6 +2,8 @@
 
     pagedbackend tiny-model --arch llama --out models/demo-llama
     pagedbackend generate --model models/demo-llama --prompt "Once upon a time" --max-tokens 64
+    pagedbackend archive --model models/demo-llama --name demo --export-path model_store
+    pagedbackend serve torchserve --model models/demo-llama
 """
 
 from __future__ import annotations
@@ -81,6 +83,60 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_archive(ns: argparse.Namespace) -> int:
+    from pagedbackend.adapters.torchserve.launcher import build_archive
+
+    path = build_archive(ns.model, ns.name, ns.export_path, ns.config, ns.no_archive, ns.version,
+                         ns.model if ns.point_to_model else None)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_serve_torchserve(ns: argparse.Namespace) -> int:
+    import signal
+    import tempfile
+    from pathlib import Path
+
+    from pagedbackend.adapters.torchserve.launcher import TorchServe, build_archive
+
+    workdir = Path(ns.workdir or tempfile.mkdtemp(prefix="pagedbackend-torchserve-"))
+    store = workdir / "model_store"
+    name = ns.name or Path(ns.model).resolve().name
+    # The archive points at the model directory instead of copying it.
+    archive = build_archive(ns.model, name, store, ns.config, model_path=ns.model)
+    server = TorchServe(store, {name: archive.name}, workdir, host=ns.host, inference_port=ns.port,
+                        management_port=ns.management_port, metrics_port=ns.metrics_port,
+                        token_auth=not ns.disable_token_auth)
+    print(f"starting TorchServe in {workdir} ...", flush=True)
+    server.start(timeout=ns.timeout)
+    print(f"model {name!r} is ready\n"
+          f"  inference   {server.inference_url}/predictions/{name}\n"
+          f"  OpenAI      {server.inference_url}/predictions/{name}/1.0/v1\n"
+          f"  management  {server.management_url}\n"
+          f"  metrics     {server.metrics_url}/metrics\n"
+          f"  logs        {server.log_dir}")
+    if server.token_auth:
+        print(f"  token authorization is ON: keys in {server.key_file} (send 'Authorization: Bearer <inference key>')")
+    else:
+        print("  token authorization is OFF")
+    print("Ctrl-C to stop.", flush=True)
+    stopped = False
+
+    def stop(*_):
+        nonlocal stopped
+        stopped = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        while not stopped and server.process.poll() is None:
+            time.sleep(0.5)
+    finally:
+        print("stopping TorchServe ...", flush=True)
+        server.stop()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pagedbackend", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -115,6 +171,32 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append")
     g.add_argument("--ignore-eos", action="store_true")
     g.set_defaults(func=cmd_generate)
+
+    a = sub.add_parser("archive", help="package a model for TorchServe with torch-model-archiver")
+    a.add_argument("--model", required=True, help="Hugging Face model directory")
+    a.add_argument("--name", required=True)
+    a.add_argument("--export-path", default="model_store")
+    a.add_argument("--config", default=None, help="model-config.yaml (default: the template in model_store/)")
+    a.add_argument("--no-archive", action="store_true", help="write a directory instead of a .mar")
+    a.add_argument("--version", default="1.0")
+    a.add_argument("--point-to-model", action="store_true",
+                   help="do not copy the weights: the archive's handler.model_path points at --model")
+    a.set_defaults(func=cmd_archive)
+
+    s = sub.add_parser("serve", help="serve a model with a framework")
+    frameworks = s.add_subparsers(dest="framework", required=True)
+    ts = frameworks.add_parser("torchserve", help="archive + start TorchServe + wait until ready")
+    ts.add_argument("--model", required=True)
+    ts.add_argument("--name", default=None, help="model name (default: the directory name)")
+    ts.add_argument("--config", default=None)
+    ts.add_argument("--host", default="127.0.0.1")
+    ts.add_argument("--port", type=int, default=8080, help="inference port")
+    ts.add_argument("--management-port", type=int, default=8081)
+    ts.add_argument("--metrics-port", type=int, default=8082)
+    ts.add_argument("--workdir", default=None, help="TorchServe's working directory (default: a new temp dir)")
+    ts.add_argument("--disable-token-auth", action="store_true")
+    ts.add_argument("--timeout", type=float, default=600)
+    ts.set_defaults(func=cmd_serve_torchserve)
     return parser
 
 
@@ -122,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     ns = build_parser().parse_args(argv)
     try:
         return ns.func(ns)
-    except ValueError as e:
+    except (ValueError, RuntimeError, TimeoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -10,6 +10,7 @@ import time
 from typing import Any, Mapping, Union
 
 from pagedbackend.config import EngineArgs, EngineConfig
+from pagedbackend.errors import InvalidRequest
 from pagedbackend.kv_cache_manager import KVCacheManager
 from pagedbackend.metrics import EngineStats
 from pagedbackend.model_runner import ModelRunner
@@ -62,30 +63,30 @@ class LLMEngine:
         elif isinstance(prompt, Mapping):
             unknown = set(prompt) - {"prompt", "prompt_token_ids"}
             if unknown:
-                raise ValueError(f"prompt: unknown key(s) {', '.join(sorted(unknown))}; use 'prompt' or 'prompt_token_ids'")
+                raise InvalidRequest("prompt", f"prompt: unknown key(s) {', '.join(sorted(unknown))}; use 'prompt' or 'prompt_token_ids'")
             text, ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
             if text is not None and not isinstance(text, str):
-                raise ValueError(f"prompt must be a string, got {type(text).__name__}")
+                raise InvalidRequest("prompt", f"prompt must be a string, got {type(text).__name__}")
         else:
-            raise ValueError(f"prompt must be a string or a dict with 'prompt' or 'prompt_token_ids', got {type(prompt).__name__}")
+            raise InvalidRequest("prompt", f"prompt must be a string or a dict with 'prompt' or 'prompt_token_ids', got {type(prompt).__name__}")
         if ids is None:
             if text is None or text == "":
-                raise ValueError("prompt must not be empty")
+                raise InvalidRequest("prompt", "prompt must not be empty")
             ids = self.tokenizer.encode(text)
             if not ids:
-                raise ValueError("prompt: the text encodes to zero tokens")
+                raise InvalidRequest("prompt", "prompt: the text encodes to zero tokens")
         else:
             if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-                raise ValueError("prompt_token_ids must be a list of integers")
+                raise InvalidRequest("prompt_token_ids", "prompt_token_ids must be a list of integers")
             if not ids:
-                raise ValueError("prompt_token_ids must not be empty")
+                raise InvalidRequest("prompt_token_ids", "prompt_token_ids must not be empty")
             vocab = self.config.model_config.vocab_size
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
-                raise ValueError(f"prompt_token_ids: token id {bad[0]} is out of range [0, {vocab})")
+                raise InvalidRequest("prompt_token_ids", f"prompt_token_ids: token id {bad[0]} is out of range [0, {vocab})")
             ids = list(ids)
         if len(ids) >= self.config.max_model_len:
-            raise ValueError(f"prompt is {len(ids)} tokens, max_model_len is {self.config.max_model_len}: "
+            raise InvalidRequest("prompt", f"prompt is {len(ids)} tokens, max_model_len is {self.config.max_model_len}: "
                              "it must be shorter to leave room for at least one generated token")
         return text, ids
 
@@ -93,9 +94,9 @@ class LLMEngine:
                     arrival_time: float | None = None, priority: int = 0) -> None:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
-            raise ValueError(f"sampling_params must be a SamplingParams, got {type(params).__name__}")
+            raise InvalidRequest("sampling_params", f"sampling_params must be a SamplingParams, got {type(params).__name__}")
         if request_id in self.output_processor.states:
-            raise ValueError(f"request_id {request_id!r} is already in use")
+            raise InvalidRequest("request_id", f"request_id {request_id!r} is already in use")
         text, ids = self.tokenize_prompt(prompt)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         seqs = []
@@ -159,6 +160,7 @@ class LLMEngine:
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "num_preemptions": sched.num_preemptions,
+            "last_batch_seqs": sched.last_batch_seqs,
             "max_batch_seqs": sched.max_batch_seqs,
             "num_chunked_prefill_steps": sched.num_chunked_prefill_steps,
             "prefix_cache_queries": kv.prefix_stats.queries,

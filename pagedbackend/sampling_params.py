@@ -10,6 +10,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from pagedbackend.errors import InvalidRequest
+
 # Below this temperature sampling is greedy (argmax); vLLM uses the same threshold.
 GREEDY_TEMPERATURE = 1e-5
 
@@ -39,24 +41,24 @@ class SamplingParams:
     def __post_init__(self) -> None:
         self._check_types()
         if self.n < 1:
-            raise ValueError(f"n must be at least 1, got {self.n}")
+            raise InvalidRequest("n", f"n must be at least 1, got {self.n}")
         if self.temperature < 0.0:
-            raise ValueError(f"temperature must be non-negative, got {self.temperature}")
+            raise InvalidRequest("temperature", f"temperature must be non-negative, got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise InvalidRequest("top_p", f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k == -1:  # vLLM's older spelling of "disabled"
             self.top_k = 0
         if self.top_k < 0:
-            raise ValueError(f"top_k must be 0 (disabled) or a positive integer, got {self.top_k}")
+            raise InvalidRequest("top_k", f"top_k must be 0 (disabled) or a positive integer, got {self.top_k}")
         if not 0.0 <= self.min_p <= 1.0:
-            raise ValueError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise InvalidRequest("min_p", f"min_p must be in [0, 1], got {self.min_p}")
         if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be at least 1, got {self.max_tokens}")
+            raise InvalidRequest("max_tokens", f"max_tokens must be at least 1, got {self.max_tokens}")
         if self.min_tokens < 0:
-            raise ValueError(f"min_tokens must be non-negative, got {self.min_tokens}")
+            raise InvalidRequest("min_tokens", f"min_tokens must be non-negative, got {self.min_tokens}")
         if self.max_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ValueError(
-                f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, "
+            raise InvalidRequest(
+                "min_tokens", f"min_tokens must be less than or equal to max_tokens={self.max_tokens}, "
                 f"got {self.min_tokens}"
             )
         if self.stop is None:
@@ -66,12 +68,12 @@ class SamplingParams:
         else:
             self.stop = list(self.stop)
         if any(s == "" for s in self.stop):
-            raise ValueError("stop must not contain empty strings")
+            raise InvalidRequest("stop", "stop must not contain empty strings")
         self.stop_token_ids = list(self.stop_token_ids or [])
         if any(t < 0 for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be non-negative, got {self.stop_token_ids}")
+            raise InvalidRequest("stop_token_ids", f"stop_token_ids must be non-negative, got {self.stop_token_ids}")
         if self.seed is not None and not -(2**63) <= self.seed < 2**63:
-            raise ValueError(f"seed must fit in a signed 64-bit integer, got {self.seed}")
+            raise InvalidRequest("seed", f"seed must fit in a signed 64-bit integer, got {self.seed}")
         if self.is_greedy:
             # Filters are meaningless for argmax; normalising keeps the sampler's fast path simple.
             self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
@@ -87,25 +89,25 @@ class SamplingParams:
             if value is None and name in optional_ints:
                 continue
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
+                raise InvalidRequest(name, f"{name} must be an integer, got {value!r}")
         for name in floats:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"{name} must be a number, got {value!r}")
+                raise InvalidRequest(name, f"{name} must be a number, got {value!r}")
             if value != value or value in (float("inf"), float("-inf")):
-                raise ValueError(f"{name} must be finite, got {value!r}")
+                raise InvalidRequest(name, f"{name} must be finite, got {value!r}")
             setattr(self, name, float(value))
         for name in bools:
             if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+                raise InvalidRequest(name, f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.stop is not None and not isinstance(self.stop, str):
             if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
-                raise ValueError(f"stop must be a string or a list of strings, got {self.stop!r}")
+                raise InvalidRequest("stop", f"stop must be a string or a list of strings, got {self.stop!r}")
         if self.stop_token_ids is not None:
             if not isinstance(self.stop_token_ids, (list, tuple)) or not all(
                 isinstance(t, int) and not isinstance(t, bool) for t in self.stop_token_ids
             ):
-                raise ValueError(f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}")
+                raise InvalidRequest("stop_token_ids", f"stop_token_ids must be a list of integers, got {self.stop_token_ids!r}")
 
     @property
     def is_greedy(self) -> bool:
@@ -136,7 +138,7 @@ class SamplingParams:
         known = set(cls.field_names())
         unknown = sorted(k for k in values if k not in known)
         if unknown:
-            raise ValueError(f"unknown sampling parameter(s): {', '.join(unknown)}")
+            raise InvalidRequest(unknown[0], f"unknown sampling parameter(s): {', '.join(unknown)}")
         return cls(**dict(values))
 
     def clone(self, **changes: Any) -> "SamplingParams":

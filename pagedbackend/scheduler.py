@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from pagedbackend.errors import InvalidRequest
 from pagedbackend.kv_cache_manager import KVCacheManager
 from pagedbackend.sequence import Sequence, SequenceStatus
 
@@ -89,9 +90,9 @@ class Scheduler:
         """Queue a request's sequences. The first one is prefilled; the others fork from it."""
         first, children = seqs[0], seqs[1:]
         if first.request_id in self.requests:
-            raise ValueError(f"request_id {first.request_id!r} is already in use")
+            raise InvalidRequest("request_id", f"request_id {first.request_id!r} is already in use")
         if len(seqs) > self.max_num_seqs:
-            raise ValueError(f"n={len(seqs)} exceeds max_num_seqs={self.max_num_seqs}")
+            raise InvalidRequest("n", f"n={len(seqs)} exceeds max_num_seqs={self.max_num_seqs}")
         first.fork_children = children
         self.requests[first.request_id] = list(seqs)
         self.waiting.append(first)

@@ -1,0 +1,170 @@
+"""TorchServe custom handler: one `AsyncLLMEngine` per worker, batching every client's requests.
+
+Archive it with `pagedbackend archive` (which passes this file to torch-model-archiver). It
+works in both of TorchServe's LLM streaming modes, chosen in model-config.yaml:
+
+* `continuousBatching: true` (the template's default): the frontend calls `handle()` once per
+  step with every active request and sends back what is new for each. When a client
+  disconnects, TorchServe drops its request from the next step: that is the only disconnect
+  signal TorchServe 0.12 gives, and the handler answers it by aborting the request, which
+  frees its KV blocks.
+* `asyncCommunication: true` (with `batchSize: 1`): every request is a coroutine that streams
+  its own pieces (lowest per-chunk latency). TorchServe never tells an async handler that a
+  client left, so in this mode an abandoned request runs until it stops by itself.
+
+The `handler:` section of model-config.yaml holds every `EngineArgs` field plus `model_path`
+(the model directory, absolute or inside the archive; default: the archive itself),
+`served_model_name`, `chat_template` (a file in the archive or a template string) and
+`metrics_interval_s`. Unknown keys or invalid values fail the load with a message naming them.
+Bad requests get a 4xx JSON error naming the field; no exception ever escapes `handle()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from pagedbackend import AsyncLLMEngine, EngineArgs
+from pagedbackend.adapters.torchserve.config import validate_model_config
+from pagedbackend.adapters.torchserve.metrics import EngineMetrics
+from pagedbackend.adapters.torchserve.routes import MeteredEngine, RequestPump, open_reply
+
+logger = logging.getLogger(__name__)
+
+# Async mode: pieces larger than this are sent in several writes. TorchServe writes the
+# worker socket from two threads without a lock; small writes cannot interleave.
+MAX_WRITE = 16 * 1024
+# Continuous-batching mode: how long one step waits for something new to send.
+STEP_WAIT_S = 0.05
+OPEN_WAIT_S = 1.0
+
+
+class PagedLLMHandler:
+    def __init__(self) -> None:
+        self.initialized = False
+        self.engine: AsyncLLMEngine | None = None
+        self.continuous = False
+
+    # ---------------------------------------------------------------- loading
+    def initialize(self, context: Any) -> None:
+        from ts.handler_utils.utils import send_intermediate_predict_response
+
+        self._send_intermediate = send_intermediate_predict_response
+        yaml = context.model_yaml_config or {}
+        validate_model_config(yaml)
+        self.continuous = bool(yaml.get("continuousBatching"))
+        cfg = dict(yaml.get("handler") or {})
+        model_dir = Path(context.system_properties.get("model_dir") or ".")
+        model = Path(cfg.pop("model_path", "") or model_dir)
+        if not model.is_absolute():
+            model = model_dir / model
+        self.model_name = cfg.pop("served_model_name", None) or context.model_name
+        self.chat_template = self._chat_template(cfg.pop("chat_template", None), model_dir)
+        interval = float(cfg.pop("metrics_interval_s", 1.0))
+        gpu = context.system_properties.get("gpu_id")
+        if gpu is not None and "device" not in cfg:
+            import torch
+
+            if torch.cuda.is_available():
+                cfg["device"] = f"cuda:{gpu}"
+        args = EngineArgs.from_dict({"model": str(model), **cfg})
+        self.engine = AsyncLLMEngine.from_engine_args(args, progress=False)
+        self.metrics = EngineMetrics(context.metrics, self.engine, interval)
+        self.metrics.start()
+        self.metered = MeteredEngine(self.engine, self.metrics.request_finished)
+        if self.continuous:
+            self._loop = asyncio.new_event_loop()
+            threading.Thread(target=self._loop.run_forever, name="pagedbackend-handler-loop", daemon=True).start()
+            self._cond = threading.Condition()
+            self._pumps: dict[str, RequestPump] = {}
+        logger.info("pagedbackend engine ready: model %s, %s mode, %d KV blocks", model,
+                    "continuous-batching" if self.continuous else "async", self.engine.engine.config.num_kv_blocks)
+        self.initialized = True
+
+    @staticmethod
+    def _chat_template(value: str | None, model_dir: Path) -> str | None:
+        if not value:
+            return None
+        path = Path(value) if os.path.isabs(value) else model_dir / value
+        if len(value) < 4096 and path.is_file():
+            return path.read_text()
+        return value  # the template itself
+
+    def _opener(self, context: Any, idx: int, request_id: str, body: Any):
+        url_path = context.get_request_header(idx, "url_path") or ""
+        return lambda: open_reply(self.metered, url_path, body, request_id, self.model_name,
+                                  self.engine.tokenizer, self.chat_template)
+
+    # --------------------------------------------------------------- serving
+    def handle(self, data: list[dict[str, Any]], context: Any):
+        """Async mode: returns the coroutine TorchServe's async service awaits. Continuous
+        batching: returns this step's pieces, one per request."""
+        if self.continuous:
+            return self._step(data, context)
+        return self._handle_async(data, context)
+
+    async def _handle_async(self, data: list[dict[str, Any]], context: Any) -> list[str]:
+        request_id = context.request_ids[0]
+        body = data[0].get("data") or data[0].get("body")
+        try:
+            reply = await self._opener(context, 0, request_id, body)()
+            context.set_response_status(reply.status, "", 0)
+            context.set_response_content_type(0, reply.content_type)
+            if reply.status >= 400:
+                # TorchServe closes the connection right after the head of an error response,
+                # so an error must be one complete response. (0.12's async mode then keeps a
+                # small job record for it, as it does for its own handlers' errors.)
+                return ["".join([piece async for piece in reply.pieces])]
+            async for piece in reply.pieces:
+                # Every piece goes out as an intermediate response (a final response with no
+                # chunk before it leaks a job object in TorchServe's frontend).
+                for start in range(0, max(len(piece), 1), MAX_WRITE):
+                    self._send_intermediate([piece[start:start + MAX_WRITE]], context.request_ids,
+                                            "Intermediate Prediction success", 200, context)
+        except Exception:  # noqa: BLE001 - the stream was already answered; keep the worker alive
+            logger.exception("request %s failed while streaming", request_id)
+        return [""]
+
+    def _step(self, data: list[dict[str, Any]], context: Any) -> list[str]:
+        ids = [context.request_ids[i] for i in range(len(data))]
+        with self._cond:
+            for rid in list(self._pumps):
+                if rid not in ids:  # TorchServe dropped it: the client disconnected
+                    logger.info("client of request %s disconnected; aborting it", rid)
+                    self._pumps.pop(rid).cancel()
+            new = []
+            for i, rid in enumerate(ids):
+                if rid not in self._pumps:
+                    body = data[i].get("data") or data[i].get("body")
+                    self._pumps[rid] = RequestPump(self._loop, self._cond, self._opener(context, i, rid, body))
+                    new.append(self._pumps[rid])
+            pumps = [self._pumps[rid] for rid in ids]
+            start = time.monotonic()
+            while True:
+                opened = all(p.opened for p in new)
+                waited = time.monotonic() - start
+                if opened and (any(p.has_news for p in pumps) or waited >= STEP_WAIT_S):
+                    break
+                if waited >= OPEN_WAIT_S:
+                    break
+                self._cond.wait(max(0.001, (STEP_WAIT_S if opened else OPEN_WAIT_S) - waited))
+            responses, stops = [], []
+            for i, (rid, pump) in enumerate(zip(ids, pumps)):
+                text, done = pump.take()
+                if not pump.started:
+                    context.set_response_status(pump.status or 200, "", i)
+                    context.set_response_content_type(i, pump.content_type or "application/json")
+                # A reply complete at its first step is sent as a plain response (None): a
+                # stream that ends at its first chunk can hang the client in TorchServe 0.12.
+                stops.append(None if done and not pump.started else done)
+                pump.started = True
+                if done:
+                    del self._pumps[rid]
+                responses.append(text)
+        context.stopping_criteria = [lambda _ret, stop=stop: stop for stop in stops]
+        return responses

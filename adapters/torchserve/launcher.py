@@ -1,0 +1,279 @@
+"""Model archives and a managed TorchServe process.
+
+`build_archive` runs torch-model-archiver with this package's handler and a model-config.yaml
+(the template in this directory unless one is given), validating the handler section first.
+`TorchServe` starts a server on 127.0.0.1-bound addresses with its own working directory
+(TMPDIR, logs, key file: TorchServe finds a running server by `$TMPDIR/.model_server.pid`, so
+one directory per server), waits until the model's worker is ready, and stops it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from pagedbackend.adapters.torchserve.config import validate_model_config
+
+HERE = Path(__file__).resolve().parent
+HANDLER_FILE = HERE / "handler.py"
+CONFIG_TEMPLATE = HERE / "model-config.yaml"
+
+# Quiet logging: TorchServe's default log4j2 config prints every line twice, all to stdout.
+_LOG4J2 = """<?xml version="1.0" encoding="UTF-8"?>
+<Configuration status="WARN">
+  <Appenders>
+    <RollingFile name="ts_log" fileName="${env:LOG_LOCATION:-logs}/ts_log.log"
+                 filePattern="${env:LOG_LOCATION:-logs}/ts_log.%d{dd-MMM}.log.gz">
+      <PatternLayout pattern="%d{ISO8601} [%-5p] %t %c - %m%n"/>
+      <Policies><SizeBasedTriggeringPolicy size="100 MB"/></Policies>
+    </RollingFile>
+    <RollingFile name="model_log" fileName="${env:LOG_LOCATION:-logs}/model_log.log"
+                 filePattern="${env:LOG_LOCATION:-logs}/model_log.%d{dd-MMM}.log.gz">
+      <PatternLayout pattern="%d{ISO8601} [%-5p] %c - %m%n"/>
+      <Policies><SizeBasedTriggeringPolicy size="100 MB"/></Policies>
+    </RollingFile>
+    <RollingFile name="access_log" fileName="${env:LOG_LOCATION:-logs}/access_log.log"
+                 filePattern="${env:LOG_LOCATION:-logs}/access_log.%d{dd-MMM}.log.gz">
+      <PatternLayout pattern="%d{ISO8601} - %m%n"/>
+      <Policies><SizeBasedTriggeringPolicy size="100 MB"/></Policies>
+    </RollingFile>
+    <RollingFile name="ts_metrics" fileName="${env:METRICS_LOCATION:-logs}/ts_metrics.log"
+                 filePattern="${env:METRICS_LOCATION:-logs}/ts_metrics.%d{dd-MMM}.log.gz">
+      <PatternLayout pattern="%d{ISO8601} - %m%n"/>
+      <Policies><SizeBasedTriggeringPolicy size="100 MB"/></Policies>
+    </RollingFile>
+    <RollingFile name="model_metrics" fileName="${env:METRICS_LOCATION:-logs}/model_metrics.log"
+                 filePattern="${env:METRICS_LOCATION:-logs}/model_metrics.%d{dd-MMM}.log.gz">
+      <PatternLayout pattern="%d{ISO8601} - %m%n"/>
+      <Policies><SizeBasedTriggeringPolicy size="100 MB"/></Policies>
+    </RollingFile>
+  </Appenders>
+  <Loggers>
+    <Logger name="ACCESS_LOG" level="info" additivity="false"><AppenderRef ref="access_log"/></Logger>
+    <Logger name="TS_METRICS" level="info" additivity="false"><AppenderRef ref="ts_metrics"/></Logger>
+    <Logger name="MODEL_METRICS" level="info" additivity="false"><AppenderRef ref="model_metrics"/></Logger>
+    <Logger name="MODEL_LOG" level="info" additivity="false"><AppenderRef ref="model_log"/></Logger>
+    <Logger name="org.pytorch.serve" level="info" additivity="false"><AppenderRef ref="ts_log"/></Logger>
+    <Root level="warn"><AppenderRef ref="ts_log"/></Root>
+  </Loggers>
+</Configuration>
+"""
+
+
+def load_model_config(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    data = yaml.safe_load(Path(path or CONFIG_TEMPLATE).read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"config: {path} must hold a YAML mapping")
+    return data
+
+
+def build_archive(model: str | os.PathLike, name: str, export_path: str | os.PathLike = "model_store",
+                  config: str | os.PathLike | None = None, no_archive: bool = False, version: str = "1.0",
+                  model_path: str | os.PathLike | None = None) -> Path:
+    """A .mar (or, with `no_archive`, a directory) holding the handler, the config and the model
+    files. With `model_path` (or `handler.model_path` in the config) the model stays where it
+    is and the archive only points at it: what you want for large checkpoints."""
+    model = Path(model).resolve()
+    if not (model / "config.json").is_file():
+        raise ValueError(f"model: {model} is not a Hugging Face model directory (no config.json)")
+    if not name or any(c in name for c in "/\\ "):
+        raise ValueError(f"name: {name!r} is not a valid model name")
+    cfg = load_model_config(config)
+    handler = cfg.setdefault("handler", {}) or {}
+    cfg["handler"] = handler
+    if model_path is not None:
+        handler["model_path"] = str(Path(model_path).resolve())
+    validate_model_config(cfg)
+    archiver = shutil.which("torch-model-archiver") or str(Path(sys.executable).with_name("torch-model-archiver"))
+    export = Path(export_path).resolve()
+    export.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg_file = Path(tmp) / "model-config.yaml"
+        cfg_file.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        cmd = [archiver, "--model-name", name, "--version", version, "--handler", str(HANDLER_FILE),
+               "--config-file", str(cfg_file), "--export-path", str(export), "--force",
+               "--archive-format", "no-archive" if no_archive else "default"]
+        if "model_path" not in handler:
+            cmd += ["--extra-files", str(model)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"torch-model-archiver failed:\n{done.stderr or done.stdout}")
+    return export / name if no_archive else export / f"{name}.mar"
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class TorchServe:
+    """A TorchServe process with its own working directory; use as a context manager."""
+
+    model_store: Path
+    models: dict[str, str]  # name -> archive file (or directory) name in model_store
+    workdir: Path
+    host: str = "127.0.0.1"
+    inference_port: int = 0
+    management_port: int = 0
+    metrics_port: int = 0
+    token_auth: bool = True
+    enable_model_api: bool = False
+    extra_properties: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.workdir = Path(self.workdir).resolve()
+        self.model_store = Path(self.model_store).resolve()
+        for attr in ("inference_port", "management_port", "metrics_port"):
+            if not getattr(self, attr):
+                setattr(self, attr, free_port(self.host))
+        self.grpc_ports = (free_port(self.host), free_port(self.host))
+
+    @property
+    def inference_url(self) -> str:
+        return f"http://{self.host}:{self.inference_port}"
+
+    @property
+    def management_url(self) -> str:
+        return f"http://{self.host}:{self.management_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://{self.host}:{self.metrics_port}"
+
+    @property
+    def key_file(self) -> Path:
+        return self.workdir / "key_file.json"
+
+    @property
+    def log_dir(self) -> Path:
+        return self.workdir / "logs"
+
+    def _env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env["TMPDIR"] = str(self.workdir / "tmp")
+        env["LOG_LOCATION"] = env["METRICS_LOCATION"] = str(self.log_dir)
+        bin_dir = str(Path(sys.executable).parent)  # the worker must run this interpreter's packages
+        env["PATH"] = bin_dir + os.pathsep + env.get("PATH", "")
+        return env
+
+    def _write_config(self) -> Path:
+        props = {
+            "inference_address": self.inference_url,
+            "management_address": self.management_url,
+            "metrics_address": self.metrics_url,
+            "grpc_inference_address": self.host,
+            "grpc_management_address": self.host,
+            "grpc_inference_port": str(self.grpc_ports[0]),
+            "grpc_management_port": str(self.grpc_ports[1]),
+            "metrics_mode": "prometheus",
+            "model_metrics_auto_detect": "true",
+            "disable_token_authorization": "false" if self.token_auth else "true",
+            "enable_model_api": "true" if self.enable_model_api else "false",
+            "default_workers_per_model": "1",
+            **self.extra_properties,
+        }
+        path = self.workdir / "config.properties"
+        path.write_text("".join(f"{k}={v}\n" for k, v in props.items()))
+        return path
+
+    def start(self, timeout: float = 300.0) -> "TorchServe":
+        java = shutil.which("java")
+        if java is None:
+            raise RuntimeError("TorchServe needs Java 17 on PATH")
+        (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_config = self.workdir / "log4j2.xml"
+        log_config.write_text(_LOG4J2)
+        cmd = [str(Path(sys.executable).with_name("torchserve")), "--start", "--ncs", "--foreground",
+               "--model-store", str(self.model_store), "--ts-config", str(self._write_config()),
+               "--log-config", str(log_config)]
+        if self.models:
+            cmd += ["--models", *[f"{n}={f}" for n, f in self.models.items()]]
+        if not self.token_auth:
+            cmd.append("--disable-token-auth")
+        if self.enable_model_api:
+            cmd.append("--enable-model-api")
+        self._stdout = open(self.log_dir / "torchserve.out", "ab")
+        self.process = subprocess.Popen(cmd, cwd=self.workdir, env=self._env(), stdout=self._stdout,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            for name in self.models:
+                self.wait_ready(name, timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def keys(self) -> dict[str, str]:
+        """The token-authorization keys TorchServe wrote (empty when auth is off)."""
+        if not self.token_auth:
+            return {}
+        for _ in range(100):
+            if self.key_file.is_file():
+                try:
+                    data = json.loads(self.key_file.read_text())
+                    return {k: v["key"] for k, v in data.items() if isinstance(v, dict) and "key" in v}
+                except (json.JSONDecodeError, KeyError):
+                    pass
+            time.sleep(0.1)
+        raise RuntimeError(f"TorchServe wrote no key file at {self.key_file}")
+
+    def headers(self, api: str = "inference") -> dict[str, str]:
+        key = self.keys().get(api)
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    def wait_ready(self, name: str, timeout: float = 300.0) -> None:
+        """Poll the management API until a worker of `name` is READY."""
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"TorchServe exited with code {self.process.returncode}; see {self.log_dir}")
+            try:
+                req = urllib.request.Request(f"{self.management_url}/models/{name}", headers=self.headers("management"))
+                with urllib.request.urlopen(req, timeout=5) as resp:
+                    info = json.loads(resp.read())
+                workers = info[0].get("workers", []) if info else []
+                if any(w.get("status") == "READY" for w in workers):
+                    return
+                last = str([w.get("status") for w in workers])
+            except (urllib.error.URLError, OSError, ValueError, RuntimeError) as e:
+                last = str(e)
+            time.sleep(0.5)
+        raise TimeoutError(f"model {name} not ready after {timeout:.0f}s (last: {last}); logs in {self.log_dir}")
+
+    def stop(self, timeout: float = 60.0) -> None:
+        process = getattr(self, "process", None)
+        if process is None:
+            return
+        if process.poll() is None:
+            subprocess.run([str(Path(sys.executable).with_name("torchserve")), "--stop"], cwd=self.workdir,
+                           env=self._env(), capture_output=True, timeout=timeout)
+            try:
+                process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, 9)
+                process.wait(10)
+        self._stdout.close()
+        self.process = None
+
+    def __enter__(self) -> "TorchServe":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()

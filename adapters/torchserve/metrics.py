@@ -1,0 +1,89 @@
+"""Engine metrics through TorchServe's `context.metrics`, so they appear on its Prometheus
+endpoint (with `metrics_mode=prometheus` and `model_metrics_auto_detect=true`).
+
+Gauges and counters are refreshed from `AsyncLLMEngine.get_stats()` by a background thread
+(only when something changed, so an idle server stays quiet); latency histograms get one
+sample per finished request.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from pagedbackend.outputs import RequestOutput
+
+try:  # imported lazily by TorchServe workers; tests of this module run without TorchServe
+    from ts.metrics.metric_type_enum import MetricTypes
+except ImportError:  # pragma: no cover
+    MetricTypes = None  # type: ignore[assignment]
+
+GAUGES = {
+    # metric name: (stats key, unit, scale)
+    "KVCacheUsagePercent": ("kv_cache_usage", "percent", 100.0),
+    "RunningRequests": ("num_running", "count", 1.0),
+    "WaitingRequests": ("num_waiting", "count", 1.0),
+    "PrefixCacheHitRatePercent": ("prefix_cache_hit_rate", "percent", 100.0),
+    "EngineBatchSize": ("last_batch_seqs", "count", 1.0),
+    "EngineMaxBatchSize": ("max_batch_seqs", "count", 1.0),
+}
+COUNTERS = {
+    # metric name: cumulative stats key (emitted as increments)
+    "Preemptions": "num_preemptions",
+    "GeneratedTokens": "generation_tokens",
+    "PromptTokens": "prompt_tokens",
+}
+# Seconds, as Prometheus expects (TorchServe's histogram buckets run from 5 ms to 10 s).
+HISTOGRAMS = ("TimeToFirstTokenSeconds", "TimePerOutputTokenSeconds")
+
+
+class EngineMetrics:
+    def __init__(self, metrics: Any, engine: Any, interval_s: float = 1.0) -> None:
+        self._metrics = metrics
+        self._engine = engine
+        self._interval = interval_s
+        self._lock = threading.Lock()  # TorchServe's metric cache is not thread-safe
+        self._last: dict[str, Any] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pagedbackend-metrics", daemon=True)
+
+    def start(self) -> None:
+        self.refresh()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            try:
+                self.refresh()
+            except Exception:  # metrics must never take the worker down
+                pass
+
+    def refresh(self) -> None:
+        stats = self._engine.get_stats()
+        with self._lock:
+            for name, (key, unit, scale) in GAUGES.items():
+                value = round(float(stats.get(key, 0)) * scale, 3)
+                if self._last.get(name) != value:
+                    self._metrics.add_metric(name, value, unit, metric_type=MetricTypes.GAUGE)
+                    self._last[name] = value
+            for name, key in COUNTERS.items():
+                total = int(stats.get(key, 0))
+                delta = total - self._last.get(name, 0)
+                if delta > 0 or name not in self._last:
+                    self._metrics.add_metric(name, delta, "count", metric_type=MetricTypes.COUNTER)
+                    self._last[name] = total
+
+    def request_finished(self, out: RequestOutput) -> None:
+        m = out.metrics
+        if m is None:
+            return
+        with self._lock:
+            if m.time_to_first_token is not None:
+                self._metrics.add_metric("TimeToFirstTokenSeconds", round(m.time_to_first_token, 6), "s",
+                                         metric_type=MetricTypes.HISTOGRAM)
+            if m.time_per_output_token is not None:
+                self._metrics.add_metric("TimePerOutputTokenSeconds", round(m.time_per_output_token, 6), "s",
+                                         metric_type=MetricTypes.HISTOGRAM)

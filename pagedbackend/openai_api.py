@@ -1,0 +1,278 @@
+"""OpenAI-compatible `/v1/completions` and `/v1/chat/completions` on top of `AsyncLLMEngine`:
+parse the request (OpenAI fields plus vLLM's sampling extras), run it, and render responses or
+SSE chunks exactly as the OpenAI API does (`data: {...}` lines, then `data: [DONE]`).
+
+Framework-agnostic: an adapter passes the body and writes out what `stream_openai` yields or
+`complete_openai` returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from pagedbackend.errors import InvalidRequest
+from pagedbackend.outputs import RequestOutput
+from pagedbackend.protocol import pop_bool
+from pagedbackend.sampling_params import SamplingParams
+
+# OpenAI request fields mapped onto SamplingParams, plus vLLM's extra sampling fields.
+_SAMPLING_FIELDS = ("n", "temperature", "top_p", "seed", "stop", "max_tokens", "top_k", "min_p", "min_tokens",
+                    "ignore_eos", "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output",
+                    "spaces_between_special_tokens")
+_IGNORED = ("model", "user", "service_tier", "store", "metadata")
+# Accepted only at their "off" value until the engine implements them.
+_NOT_YET = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "repetition_penalty": (1, 1.0),
+            "logit_bias": ({},), "logprobs": (False,), "top_logprobs": (0,), "suffix": ("",), "tools": ([],),
+            "tool_choice": ("none",), "parallel_tool_calls": (False, True), "echo_logprobs": (False,)}
+
+
+@dataclass
+class OpenAIRequest:
+    kind: str  # "completion" | "chat"
+    prompts: list[Any]  # engine prompts: text or {"prompt_token_ids": [...]}
+    params: SamplingParams
+    stream: bool
+    include_usage: bool = False
+    echo: bool = False
+    prompt_texts: list[str | None] = field(default_factory=list)
+
+
+def _sampling(body: dict[str, Any], allowed_extra: tuple[str, ...]) -> SamplingParams:
+    fields: dict[str, Any] = {}
+    for key in list(body):
+        value = body.pop(key)
+        if key in _SAMPLING_FIELDS:
+            if value is not None:
+                fields[key] = value
+        elif key in _IGNORED:
+            continue
+        elif key in _NOT_YET:
+            if value is not None and value not in _NOT_YET[key]:
+                raise InvalidRequest(key, f"{key} is not supported yet")
+        elif key == "best_of":
+            if value is not None and value != fields.get("n", body.get("n", 1)):
+                raise InvalidRequest(key, "best_of other than n is not supported yet")
+        elif key not in allowed_extra:
+            raise InvalidRequest(key, f"unknown field {key!r}")
+    fields.setdefault("max_tokens", 16)
+    return SamplingParams.from_dict(fields)
+
+
+def _stream_options(body: dict[str, Any], stream: bool) -> bool:
+    options = body.pop("stream_options", None)
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise InvalidRequest("stream_options", "stream_options must be an object")
+    if not stream:
+        raise InvalidRequest("stream_options", "stream_options is only allowed when stream is true")
+    include = options.get("include_usage", False)
+    if not isinstance(include, bool):
+        raise InvalidRequest("stream_options.include_usage", "stream_options.include_usage must be true or false")
+    return include
+
+
+def _completion_prompts(prompt: Any) -> list[Any]:
+    """OpenAI's prompt: a string, a list of strings, a list of token ids, or a list of those lists."""
+    def is_ids(x: Any) -> bool:
+        return isinstance(x, list) and bool(x) and all(isinstance(t, int) and not isinstance(t, bool) for t in x)
+
+    if isinstance(prompt, str):
+        return [prompt]
+    if is_ids(prompt):
+        return [{"prompt_token_ids": prompt}]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) or is_ids(p) for p in prompt):
+        return [p if isinstance(p, str) else {"prompt_token_ids": p} for p in prompt]
+    raise InvalidRequest("prompt", "prompt must be a string, a list of strings, or (lists of) token ids")
+
+
+def parse_completion(body: dict[str, Any]) -> OpenAIRequest:
+    body = dict(body)
+    if "prompt" not in body:
+        raise InvalidRequest("prompt", "prompt is required")
+    prompts = _completion_prompts(body.pop("prompt"))
+    stream = pop_bool(body, "stream")
+    include_usage = _stream_options(body, stream)
+    echo = pop_bool(body, "echo")
+    params = _sampling(body, ())
+    return OpenAIRequest("completion", prompts, params, stream, include_usage, echo,
+                         [p if isinstance(p, str) else None for p in prompts])
+
+
+def _message_text(i: int, message: Any) -> dict[str, str]:
+    if not isinstance(message, dict):
+        raise InvalidRequest(f"messages[{i}]", f"messages[{i}] must be an object with role and content")
+    role, content = message.get("role"), message.get("content")
+    if not isinstance(role, str) or not role:
+        raise InvalidRequest(f"messages[{i}].role", f"messages[{i}].role must be a non-empty string")
+    if isinstance(content, list):  # content parts: only text parts are supported
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise InvalidRequest(f"messages[{i}].content[{j}]", "only text content parts are supported")
+            texts.append(part["text"])
+        content = "".join(texts)
+    if not isinstance(content, str):
+        raise InvalidRequest(f"messages[{i}].content", f"messages[{i}].content must be a string")
+    return {"role": role, "content": content}
+
+
+def parse_chat(body: dict[str, Any], tokenizer: Any, chat_template: str | None = None) -> OpenAIRequest:
+    body = dict(body)
+    messages = body.pop("messages", None)
+    if not isinstance(messages, list) or not messages:
+        raise InvalidRequest("messages", "messages must be a non-empty list")
+    messages = [_message_text(i, m) for i, m in enumerate(messages)]
+    if "max_completion_tokens" in body:
+        value = body.pop("max_completion_tokens")
+        if value is not None:
+            body["max_tokens"] = value
+    response_format = body.pop("response_format", None)
+    if response_format not in (None, {"type": "text"}):
+        raise InvalidRequest("response_format", "only response_format {\"type\": \"text\"} is supported")
+    stream = pop_bool(body, "stream")
+    include_usage = _stream_options(body, stream)
+    add_generation_prompt = pop_bool(body, "add_generation_prompt", True)
+    params = _sampling(body, ())
+    template = chat_template or getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise InvalidRequest("messages", "this model's tokenizer has no chat template; set handler.chat_template")
+    try:
+        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except Exception as e:  # jinja errors name the template problem
+        raise InvalidRequest("messages", f"the chat template failed on these messages: {e}") from e
+    # The template already holds any special tokens it wants: encode without adding more.
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    return OpenAIRequest("chat", [{"prompt": text, "prompt_token_ids": ids}], params, stream, include_usage,
+                         prompt_texts=[text])
+
+
+def models_response(model_name: str) -> dict[str, Any]:
+    return {"object": "list", "data": [{"id": model_name, "object": "model", "created": int(time.time()),
+                                        "owned_by": "pagedbackend"}]}
+
+
+class _Formatter:
+    """Renders engine outputs as OpenAI objects; a choice's index is prompt * n + sample."""
+
+    def __init__(self, req: OpenAIRequest, request_id: str, model: str) -> None:
+        self.req = req
+        self.model = model
+        self.created = int(time.time())
+        self.id = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + request_id
+        self.object = "chat.completion" if req.kind == "chat" else "text_completion"
+        self._started: set[int] = set()
+
+    def _index(self, prompt_idx: int, sample: int) -> int:
+        return prompt_idx * self.req.params.n + sample
+
+    def usage(self, outs: list[RequestOutput]) -> dict[str, int]:
+        prompt = sum(len(o.prompt_token_ids) for o in outs)
+        completion = sum(len(c.token_ids) for o in outs for c in o.outputs)
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+    def response(self, outs: list[RequestOutput]) -> dict[str, Any]:
+        choices = []
+        for p, out in enumerate(outs):
+            for c in out.outputs:
+                text = (self.req.prompt_texts[p] or "") + c.text if self.req.echo else c.text
+                choice: dict[str, Any] = {"index": self._index(p, c.index), "logprobs": None,
+                                          "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
+                if self.req.kind == "chat":
+                    choice["message"] = {"role": "assistant", "content": text}
+                else:
+                    choice["text"] = text
+                choices.append(choice)
+        return {"id": self.id, "object": self.object, "created": self.created, "model": self.model,
+                "choices": choices, "usage": self.usage(outs)}
+
+    def chunks(self, prompt_idx: int, out: RequestOutput) -> list[str]:
+        events = []
+        for c in out.outputs:
+            index = self._index(prompt_idx, c.index)
+            first = index not in self._started
+            if not (c.delta_text or c.finish_reason or first):
+                continue
+            self._started.add(index)
+            text = c.delta_text
+            if first and self.req.echo:
+                text = (self.req.prompt_texts[prompt_idx] or "") + text
+            choice: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": c.finish_reason}
+            if self.req.kind == "chat":
+                choice["delta"] = ({"role": "assistant", "content": text} if first else
+                                   ({"content": text} if text else {}))
+            else:
+                choice["text"] = text
+            if c.finish_reason is not None:
+                choice["stop_reason"] = c.stop_reason
+            events.append(self._event({"choices": [choice]}))
+        return events
+
+    def usage_chunk(self, outs: list[RequestOutput]) -> str:
+        return self._event({"choices": [], "usage": self.usage(outs)})
+
+    def _event(self, body: dict[str, Any]) -> str:
+        obj = {"id": self.id, "object": self.object + (".chunk" if self.req.kind == "chat" else ""),
+               "created": self.created, "model": self.model, **body}
+        return f"data: {json.dumps(obj)}\n\n"
+
+
+async def _run_all(engine: Any, req: OpenAIRequest, request_id: str) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """Every prompt of the request through the engine at once; outputs as they arrive."""
+    ids = [request_id] if len(req.prompts) == 1 else [f"{request_id}-{i}" for i in range(len(req.prompts))]
+    if len(req.prompts) == 1:
+        async for out in engine.generate(req.prompts[0], req.params, ids[0]):
+            yield 0, out
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(i: int) -> None:
+        try:
+            async for out in engine.generate(req.prompts[i], req.params, ids[i]):
+                await queue.put((i, out))
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            await queue.put(e)
+        finally:
+            await queue.put(done)
+
+    tasks = [asyncio.ensure_future(pump(i)) for i in range(len(req.prompts))]
+    try:
+        remaining = len(tasks)
+        while remaining:
+            item = await queue.get()
+            if item is done:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield item
+    finally:
+        for t in tasks:  # the client left or one prompt failed: stop (and abort) the rest
+            t.cancel()
+
+
+async def complete_openai(engine: Any, req: OpenAIRequest, request_id: str, model: str) -> dict[str, Any]:
+    finals: dict[int, RequestOutput] = {}
+    async for i, out in _run_all(engine, req, request_id):
+        if out.finished:
+            finals[i] = out
+    return _Formatter(req, request_id, model).response([finals[i] for i in range(len(req.prompts))])
+
+
+async def stream_openai(engine: Any, req: OpenAIRequest, request_id: str, model: str) -> AsyncIterator[str]:
+    fmt = _Formatter(req, request_id, model)
+    finals: dict[int, RequestOutput] = {}
+    async for i, out in _run_all(engine, req, request_id):
+        for event in fmt.chunks(i, out):
+            yield event
+        if out.finished:
+            finals[i] = out
+    if req.include_usage:
+        yield fmt.usage_chunk([finals[i] for i in range(len(req.prompts))])
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,124 @@
+"""Request parsing and response shapes shared by the adapters (the native JSON format).
+
+Native request: a JSON object with `prompt` (text) or `prompt_token_ids`, optional `stream`,
+and any `SamplingParams` field. Streaming answers are newline-delimited JSON chunks with the
+text delta and token ids; the last chunk of each sample carries `finish_reason`, and the very
+last one the usage counts. Bad input raises `InvalidRequest` naming the field; `error_body`
+turns any exception into a status code and a JSON error that never contains a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from pagedbackend.errors import InvalidRequest
+from pagedbackend.outputs import CompletionOutput, RequestOutput
+from pagedbackend.sampling_params import SamplingParams
+
+
+@dataclass
+class GenerateRequest:
+    prompt: str | dict[str, Any]
+    params: SamplingParams
+    stream: bool
+
+
+def load_json(payload: Any) -> dict[str, Any]:
+    """The request body as a JSON object (TorchServe hands over bytes, or an already-parsed dict)."""
+    if isinstance(payload, Mapping):
+        return dict(payload)
+    if isinstance(payload, (bytes, bytearray)):
+        try:
+            payload = payload.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidRequest(None, f"request body is not UTF-8 ({e})") from e
+    if not isinstance(payload, str) or not payload.strip():
+        raise InvalidRequest(None, "request body must be a JSON object")
+    try:
+        body = json.loads(payload)
+    except json.JSONDecodeError as e:
+        raise InvalidRequest(None, f"request body is not valid JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise InvalidRequest(None, f"request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def pop_bool(body: dict[str, Any], key: str, default: bool = False) -> bool:
+    value = body.pop(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise InvalidRequest(key, f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def parse_generate(body: dict[str, Any]) -> GenerateRequest:
+    body = dict(body)
+    stream = pop_bool(body, "stream")
+    has_text, has_ids = "prompt" in body, "prompt_token_ids" in body
+    if has_text == has_ids:
+        raise InvalidRequest("prompt", "give exactly one of prompt (text) or prompt_token_ids")
+    prompt: str | dict[str, Any]
+    if has_text:
+        prompt = body.pop("prompt")
+        if not isinstance(prompt, str):
+            raise InvalidRequest("prompt", f"prompt must be a string, got {type(prompt).__name__}")
+    else:
+        prompt = {"prompt_token_ids": body.pop("prompt_token_ids")}
+    return GenerateRequest(prompt, SamplingParams.from_dict(body), stream)
+
+
+def usage(out: RequestOutput) -> dict[str, int]:
+    prompt = len(out.prompt_token_ids)
+    completion = sum(len(c.token_ids) for c in out.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _completion_dict(c: CompletionOutput) -> dict[str, Any]:
+    return {"index": c.index, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason}
+
+
+def native_response(out: RequestOutput) -> dict[str, Any]:
+    """The whole answer as one JSON document; top-level text/token_ids are the first sample's."""
+    first = out.outputs[0]
+    return {"id": out.request_id, "text": first.text, "token_ids": first.token_ids,
+            "finish_reason": first.finish_reason, "stop_reason": first.stop_reason,
+            "outputs": [_completion_dict(c) for c in out.outputs], "usage": usage(out)}
+
+
+class NativeStream:
+    """Turns successive RequestOutputs into NDJSON lines: one per sample with new text or
+    tokens, one more when a sample finishes; the last line of all carries `usage`."""
+
+    def __init__(self) -> None:
+        self._finished: set[int] = set()
+
+    def lines(self, out: RequestOutput) -> list[str]:
+        lines = []
+        for c in out.outputs:
+            if c.index in self._finished:
+                continue
+            if c.delta_text or c.delta_token_ids or c.finish_reason is not None:
+                chunk: dict[str, Any] = {"index": c.index, "text": c.delta_text, "token_ids": c.delta_token_ids}
+                if c.finish_reason is not None:
+                    chunk["finish_reason"] = c.finish_reason
+                    chunk["stop_reason"] = c.stop_reason
+                    self._finished.add(c.index)
+                lines.append(chunk)
+        if out.finished and lines:
+            lines[-1]["usage"] = usage(out)
+        return [json.dumps(line) + "\n" for line in lines]
+
+
+def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:
+    """Status code and OpenAI-style error object; internal errors say what failed, not where."""
+    if isinstance(exc, InvalidRequest):
+        return exc.status, {"error": {"message": str(exc), "type": "invalid_request_error",
+                                      "param": exc.param, "code": exc.status}}
+    if isinstance(exc, ValueError):
+        return 400, {"error": {"message": str(exc), "type": "invalid_request_error", "param": None, "code": 400}}
+    return 500, {"error": {"message": f"internal error: {type(exc).__name__}: {exc}", "type": "internal_error",
+                           "param": None, "code": 500}}
