@@ -93,7 +93,6 @@ def cmd_archive(ns: argparse.Namespace) -> int:
 
 
 def cmd_serve_torchserve(ns: argparse.Namespace) -> int:
-    import signal
     import tempfile
     from pathlib import Path
 
@@ -120,6 +119,19 @@ def cmd_serve_torchserve(ns: argparse.Namespace) -> int:
     else:
         print("  token authorization is OFF")
     print("Ctrl-C to stop.", flush=True)
+    try:
+        wait_for_stop_signal(lambda: server.process.poll() is None)
+    finally:
+        print("stopping TorchServe ...", flush=True)
+        server.stop()
+    return 0
+
+
+def wait_for_stop_signal(alive) -> None:
+    """Block until SIGINT or SIGTERM (also when started in the background, where a shell
+    leaves SIGINT ignored), or until `alive()` turns false."""
+    import signal
+
     stopped = False
 
     def stop(*_):
@@ -128,11 +140,30 @@ def cmd_serve_torchserve(ns: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    while not stopped and alive():
+        time.sleep(0.5)
+
+
+def cmd_serve_pytriton(ns: argparse.Namespace) -> int:
+    from pagedbackend.adapters.pytriton import PyTritonServer
+
+    name = ns.name or "pagedbackend"
+    server = PyTritonServer(engine_args_from(ns), model_name=name, host=ns.host, http_port=ns.http_port,
+                            grpc_port=ns.grpc_port, metrics_port=ns.metrics_port,
+                            engine_metrics_port=ns.engine_metrics_port)
+    print("starting Triton (PyTriton) ...", flush=True)
+    server.start()
+    print(f"model {name!r} is ready\n"
+          f"  HTTP            {server.http_url}/v2/models/{name}/generate_stream\n"
+          f"  gRPC            {server.grpc_url}\n"
+          f"  Triton metrics  http://{server.host}:{server.metrics_port}/metrics\n"
+          f"  engine metrics  {server.metrics.url}\n"
+          f"  workspace       {server.workspace} (removed on stop)\n"
+          "Ctrl-C to stop.", flush=True)
     try:
-        while not stopped and server.process.poll() is None:
-            time.sleep(0.5)
+        wait_for_stop_signal(lambda: server.triton.is_alive())
     finally:
-        print("stopping TorchServe ...", flush=True)
+        print("stopping Triton ...", flush=True)
         server.stop()
     return 0
 
@@ -197,6 +228,16 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--disable-token-auth", action="store_true")
     ts.add_argument("--timeout", type=float, default=600)
     ts.set_defaults(func=cmd_serve_torchserve)
+
+    pt = frameworks.add_parser("pytriton", help="serve with PyTriton (Triton's vLLM-backend interface)")
+    _add_engine_args(pt)
+    pt.add_argument("--name", default=None, help="Triton model name (default: pagedbackend)")
+    pt.add_argument("--host", default="127.0.0.1")
+    pt.add_argument("--http-port", type=int, default=8000)
+    pt.add_argument("--grpc-port", type=int, default=8001)
+    pt.add_argument("--metrics-port", type=int, default=8002, help="Triton's own metrics")
+    pt.add_argument("--engine-metrics-port", type=int, default=8003, help="pagedbackend's engine metrics")
+    pt.set_defaults(func=cmd_serve_pytriton)
     return parser
 
 

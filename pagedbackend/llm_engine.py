@@ -169,8 +169,15 @@ class LLMEngine:
             "prompt_tokens": self.stats.prompt_tokens,
             "generation_tokens": self.stats.generation_tokens,
             "steps": self.stats.steps,
+            "requests_finished": dict(self.stats.requests_finished),
+            "time_to_first_token_seconds": _histogram_dict(self.stats.ttft_histogram),
+            "time_per_output_token_seconds": _histogram_dict(self.stats.tpot_histogram),
         }
 
     def check_all_blocks_free(self) -> None:
         """AssertionError unless no request holds a block (tests call this after every run)."""
         self.scheduler.check_all_free()
+
+
+def _histogram_dict(h) -> dict[str, Any]:
+    return {"buckets": list(h.bounds), "cumulative_counts": h.cumulative(), "sum": h.total, "count": h.count}
