@@ -270,6 +270,15 @@ class EngineArgs:
                 backend = "cpu" if dtype == torch.float32 and _native_cpu_available() else "torch"
         if backend == "cpu" and device != "cpu":
             raise ValueError(f"attention_backend='cpu' runs on the CPU only, but device={device!r}")
+        if backend == "triton":
+            if not _triton_available():
+                raise ValueError("attention_backend='triton' needs the triton package (pip install triton)")
+            if self.block_size < 16:
+                raise ValueError(f"block_size must be at least 16 with attention_backend='triton' (tensor-core "
+                                 f"dots need 16 rows), got {self.block_size}")
+            if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+                raise ValueError("attention_backend='triton' on the CPU runs in Triton's interpreter: set "
+                                 "TRITON_INTERPRET=1 before importing pagedbackend (slow; for tests)")
 
         kv_fraction = self.kv_cache_memory_fraction
         if kv_fraction is None and self.num_kv_blocks is None:

@@ -44,12 +44,11 @@ class ModelRunner:
                 "(num_kv_blocks / kv_cache_memory_fraction) or lower max_model_len"
             )
         shape = kv_cache_shape(self.num_blocks, self.num_kv_heads, self.block_size, self.head_dim)
-        # Zeros, not empty: padded block-table entries are read (then masked), and must be finite.
-        self.kv_caches = [
-            (torch.zeros(shape, dtype=config.dtype, device=self.device),
-             torch.zeros(shape, dtype=config.dtype, device=self.device))
-            for _ in layers
-        ]
+        # One tensor for every layer's K and V ([layers, 2, *shape]), so a block copy is one
+        # operation over all layers. Zeros, not empty: padded block-table entries are read
+        # (then masked), and must be finite.
+        self.kv_cache = torch.zeros((len(layers), 2, *shape), dtype=config.dtype, device=self.device)
+        self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(len(layers))]
         for layer, (key_cache, value_cache) in zip(layers, self.kv_caches):
             layer.bind(self.backend, key_cache, value_cache)
         self.sampler = Sampler(self.device, config.seed)
@@ -88,7 +87,7 @@ class ModelRunner:
         """Run one step; returns one token per entry of `out.sampling_sequences()`."""
         self.sampler.forget(out.finished_seq_ids)
         if out.blocks_to_copy:
-            self.backend.copy_blocks(self.kv_caches, out.blocks_to_copy)
+            self.backend.copy_blocks(self.kv_cache, out.blocks_to_copy)
         if not out.scheduled:
             return []
         input_ids, positions, meta, logits_indices = self._prepare(out)

@@ -9,82 +9,17 @@ import math
 import pytest
 import torch
 
+from helpers import build_batch, reference, rel_err
 from pagedbackend.attention import get_attention_backend
-from pagedbackend.attention.metadata import AttentionMetadata
 from pagedbackend.kernels import cpu_native
-from pagedbackend.kernels.layout import kv_cache_shape
 
 native = cpu_native.load()
-BACKENDS = ["torch"] + (["cpu"] if native is not None else [])
-
-
-def build_batch(query_lens, seq_lens, num_kv_heads, block_size, head_dim, num_heads, dtype=torch.float32, seed=0):
-    """Random q/k/v and a cache whose blocks are scattered; the context part of every sequence
-    is already in the cache, the new tokens' K/V are passed in (the backend writes them)."""
-    g = torch.Generator().manual_seed(seed)
-    num_blocks = sum(-(-s // block_size) for s in seq_lens) + 7
-    perm = torch.randperm(num_blocks, generator=g).tolist()
-    shape = kv_cache_shape(num_blocks, num_kv_heads, block_size, head_dim)
-    key_cache = torch.randn(shape, generator=g, dtype=dtype)
-    value_cache = torch.randn(shape, generator=g, dtype=dtype)
-    tables, used = [], 0
-    for s in seq_lens:
-        n = -(-s // block_size)
-        tables.append(perm[used:used + n])
-        used += n
-    max_blocks = max(len(t) for t in tables)
-    block_tables = torch.zeros(len(seq_lens), max_blocks, dtype=torch.int32)
-    for i, t in enumerate(tables):
-        block_tables[i, :len(t)] = torch.tensor(t)
-    total = sum(query_lens)
-    q = torch.randn(total, num_heads, head_dim, generator=g, dtype=dtype)
-    k = torch.randn(total, num_kv_heads, head_dim, generator=g, dtype=dtype)
-    v = torch.randn(total, num_kv_heads, head_dim, generator=g, dtype=dtype)
-    slots = []
-    for t, ql, s in zip(tables, query_lens, seq_lens):
-        slots += [t[p // block_size] * block_size + p % block_size for p in range(s - ql, s)]
-    qsl = [0]
-    for ql in query_lens:
-        qsl.append(qsl[-1] + ql)
-    num_decodes = 0  # backends expect the single-token rows first
-    while num_decodes < len(query_lens) and query_lens[num_decodes] == 1:
-        num_decodes += 1
-    meta = AttentionMetadata(
-        num_decodes=num_decodes,
-        num_seqs=len(seq_lens), num_tokens=total, slot_mapping=torch.tensor(slots, dtype=torch.long),
-        query_start_loc=torch.tensor(qsl, dtype=torch.int32), seq_lens=torch.tensor(seq_lens, dtype=torch.int32),
-        block_tables=block_tables, max_query_len=max(query_lens), max_seq_len=max(seq_lens),
-        query_start_loc_host=qsl, seq_lens_host=list(seq_lens))
-    return q, k, v, key_cache, value_cache, meta, tables
-
-
-def reference(q, k, v, key_cache, value_cache, meta, tables, scale, window):
-    """Plain float64 attention from a cache that has the new tokens written in."""
-    kc, vc = key_cache.double().clone(), value_cache.double().clone()
-    block_size = kc.shape[2]
-    num_heads, num_kv_heads = q.shape[1], kc.shape[1]
-    for t, slot in enumerate(meta.slot_mapping.tolist()):
-        kc[slot // block_size, :, slot % block_size] = k[t].double()
-        vc[slot // block_size, :, slot % block_size] = v[t].double()
-    out = torch.empty(q.shape, dtype=torch.float64)
-    qsl = meta.query_start_loc_host
-    for i, table in enumerate(tables):
-        seq_len = meta.seq_lens_host[i]
-        keys = kc[table].permute(1, 0, 2, 3).reshape(num_kv_heads, -1, kc.shape[-1])[:, :seq_len]
-        values = vc[table].permute(1, 0, 2, 3).reshape(num_kv_heads, -1, kc.shape[-1])[:, :seq_len]
-        q_len = qsl[i + 1] - qsl[i]
-        for j in range(q_len):
-            pos = seq_len - q_len + j
-            lo = max(0, pos - window + 1) if window else 0
-            for h in range(num_heads):
-                kvh = h // (num_heads // num_kv_heads)
-                s = (keys[kvh, lo:pos + 1] @ q[qsl[i] + j, h].double()) * scale
-                out[qsl[i] + j, h] = torch.softmax(s, 0) @ values[kvh, lo:pos + 1]
-    return out
-
-
-def rel_err(a, b):
-    return ((a.double() - b).abs().max() / b.abs().max()).item()
+try:
+    import triton  # noqa: F401  (the interpreter runs the kernels on CPU; conftest sets TRITON_INTERPRET)
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
+BACKENDS = ["torch"] + (["cpu"] if native is not None else []) + (["triton"] if HAVE_TRITON else [])
 
 
 CASES = [

@@ -26,7 +26,9 @@ def get_attention_backend(name: str) -> AttentionBackend:
                              "(no C compiler?); use 'torch'")
         return CpuAttentionBackend(kernels)
     if name == "triton":
-        raise ValueError("attention_backend='triton' is not available yet; use 'torch' (the triton kernels are tracked separately)")
+        from pagedbackend.attention.triton_backend import TritonAttentionBackend
+
+        return TritonAttentionBackend()
     raise ValueError(f"attention_backend must be auto, torch, cpu or triton; got {name!r}")
 
 

@@ -31,6 +31,7 @@ class AttentionBackend(Protocol):
         tokens see its cached context and, causally, each other."""
         ...
 
-    def copy_blocks(self, caches: list[tuple[torch.Tensor, torch.Tensor]], pairs: list[tuple[int, int]]) -> None:
-        """Copy whole blocks src -> dst in every layer (copy-on-write)."""
+    def copy_blocks(self, kv_cache: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole blocks src -> dst in every layer's K and V (copy-on-write); `kv_cache` is
+        the runner's stacked [layers, 2, num_blocks, ...] tensor."""
         ...

@@ -170,12 +170,9 @@ class TorchAttentionBackend:
             o = F.scaled_dot_product_attention(qh, keys, values, attn_mask=allowed, scale=scale)
         return o.transpose(0, 1)
 
-    def copy_blocks(self, caches, pairs) -> None:
+    def copy_blocks(self, kv_cache, pairs) -> None:
         if not pairs:
             return
-        device = caches[0][0].device
-        src = torch.tensor([s for s, _ in pairs], device=device, dtype=torch.long)
-        dst = torch.tensor([d for _, d in pairs], device=device, dtype=torch.long)
-        for key_cache, value_cache in caches:
-            key_cache.index_copy_(0, dst, key_cache.index_select(0, src))
-            value_cache.index_copy_(0, dst, value_cache.index_select(0, src))
+        src = torch.tensor([s for s, _ in pairs], device=kv_cache.device, dtype=torch.long)
+        dst = torch.tensor([d for _, d in pairs], device=kv_cache.device, dtype=torch.long)
+        kv_cache.index_copy_(2, dst, kv_cache.index_select(2, src))
