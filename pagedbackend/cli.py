@@ -14,7 +14,7 @@ import sys
 import time
 from typing import Sequence
 
-from pagedbackend.config import ATTENTION_BACKENDS, EngineArgs
+from pagedbackend.config import ATTENTION_BACKENDS, PREEMPTION_MODES, SCHEDULING_POLICIES, EngineArgs
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -31,6 +31,10 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-chunked-prefill", action="store_true")
     p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scheduling-policy", default="fcfs", choices=SCHEDULING_POLICIES)
+    p.add_argument("--preemption-mode", default="recompute", choices=PREEMPTION_MODES)
+    p.add_argument("--swap-space", type=float, default=4.0, help="GiB of host memory for swapped-out KV blocks")
+    p.add_argument("--max-logprobs", type=int, default=20)
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
@@ -40,6 +44,8 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
         max_model_len=ns.max_model_len, enable_prefix_caching=not ns.no_prefix_caching,
         enable_chunked_prefill=not ns.no_chunked_prefill, attention_backend=ns.attention_backend, seed=ns.seed,
+        scheduling_policy=ns.scheduling_policy, preemption_mode=ns.preemption_mode, swap_space=ns.swap_space,
+        max_logprobs=ns.max_logprobs,
     )
 
 

@@ -22,6 +22,8 @@ _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
 }
 ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
+SCHEDULING_POLICIES = ("fcfs", "priority")
+PREEMPTION_MODES = ("recompute", "swap")
 LOAD_FORMATS = ("auto", "safetensors", "pt")
 # Default share of memory for the KV cache when neither num_kv_blocks nor a fraction is given.
 DEFAULT_KV_FRACTION = {"cuda": 0.9, "cpu": 0.2}
@@ -165,6 +167,10 @@ class EngineArgs:
     seed: int = 0
     tensor_parallel_size: int = 1
     load_format: str = "auto"
+    scheduling_policy: str = "fcfs"
+    preemption_mode: str = "recompute"
+    swap_space: float = 4.0  # GiB of host memory for swapped-out KV blocks (preemption_mode="swap")
+    max_logprobs: int = 20
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -226,6 +232,13 @@ class EngineArgs:
             raise ValueError(f"tensor_parallel_size must be 1 for now (got {self.tensor_parallel_size}); "
                              "tensor parallelism is not implemented yet")
         want_choice("load_format", LOAD_FORMATS)
+        want_choice("scheduling_policy", SCHEDULING_POLICIES)
+        want_choice("preemption_mode", PREEMPTION_MODES)
+        if isinstance(self.swap_space, bool) or not isinstance(self.swap_space, (int, float)) or self.swap_space < 0:
+            raise ValueError(f"swap_space must be a non-negative number of GiB, got {self.swap_space!r}")
+        if self.preemption_mode == "swap" and self.swap_space == 0:
+            raise ValueError("swap_space must be positive when preemption_mode is 'swap'")
+        want_int("max_logprobs", 0)
 
     def create_engine_config(self) -> "EngineConfig":
         self._check_fields()
@@ -301,6 +314,10 @@ class EngineArgs:
             seed=self.seed,
             tensor_parallel_size=self.tensor_parallel_size,
             load_format=self.load_format,
+            scheduling_policy=self.scheduling_policy,
+            preemption_mode=self.preemption_mode,
+            swap_space=float(self.swap_space),
+            max_logprobs=self.max_logprobs,
         )
 
 
@@ -338,3 +355,7 @@ class EngineConfig:
     seed: int
     tensor_parallel_size: int = 1
     load_format: str = "auto"
+    scheduling_policy: str = "fcfs"
+    preemption_mode: str = "recompute"
+    swap_space: float = 4.0
+    max_logprobs: int = 20

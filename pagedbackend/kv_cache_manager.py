@@ -1,6 +1,8 @@
 """Maps sequences to KV blocks: on-demand allocation, prefix-cache lookups, forks with
-copy-on-write. It answers "can this sequence get room for k more tokens?" with yes or no;
-what to do about a no (preempt someone) is the scheduler's decision.
+copy-on-write, and swapping to a host-memory pool. It answers "can this sequence get room for
+k more tokens?" with yes or no; what to do about a no (preempt someone) is the scheduler's
+decision. Block copies it decides on (copy-on-write, swap out, swap in) are queued for the
+model runner, which performs them before the next forward pass.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ class PrefixCacheStats:
 
 
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True,
+                 num_host_blocks: int = 0) -> None:
         if block_size < 1:
             raise ValueError(f"block_size must be at least 1, got {block_size}")
         self.block_size = block_size
@@ -32,6 +35,12 @@ class KVCacheManager:
         self._num_cached: dict[int, int] = {}  # leading blocks of a seq already registered in the cache
         self._pending_copies: list[tuple[int, int]] = []
         self.prefix_stats = PrefixCacheStats()
+        # Host (swap) pool: plain ids, no sharing or caching; a swapped sequence owns its copies.
+        self.num_host_blocks = num_host_blocks
+        self._host_free: list[int] = list(range(num_host_blocks - 1, -1, -1))
+        self._host_blocks: dict[int, list[int]] = {}
+        self._pending_swap_out: list[tuple[int, int]] = []  # (device block, host block)
+        self._pending_swap_in: list[tuple[int, int]] = []  # (host block, device block)
 
     # ---------------------------------------------------------------- queries
     @property
@@ -62,7 +71,8 @@ class KVCacheManager:
         At least one token is always left to compute, because the step that computes it is the
         one that yields the logits to sample from.
         """
-        if not self.enable_caching:
+        if not self.enable_caching or seq.wants_prompt_logprobs:
+            # Prompt logprobs need the logits of every prompt position: compute them all.
             return [], 0
         self._extend_hashes(seq, seq.num_tokens)
         max_blocks = (seq.num_tokens - 1) // self.block_size
@@ -158,6 +168,46 @@ class KVCacheManager:
         copies, self._pending_copies = self._pending_copies, []
         return copies
 
+    def take_pending_swaps(self) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+        """(swap out: device -> host, swap in: host -> device) copies for the model runner;
+        swap-outs first, since a device block freed by one may be reused in the same step."""
+        out, self._pending_swap_out = self._pending_swap_out, []
+        into, self._pending_swap_in = self._pending_swap_in, []
+        return out, into
+
+    # ------------------------------------------------------------------- swap
+    @property
+    def num_free_host_blocks(self) -> int:
+        return len(self._host_free)
+
+    def can_swap_out(self, seq: Sequence) -> bool:
+        return 0 < len(self._blocks.get(seq.seq_id, ())) <= len(self._host_free)
+
+    def swap_out(self, seq: Sequence) -> None:
+        """Copy the sequence's blocks to host blocks it owns and release the device blocks
+        (shared ones just lose a reference; cached ones stay cached until evicted)."""
+        blocks = self._blocks.pop(seq.seq_id)
+        self._num_cached.pop(seq.seq_id, None)
+        host = [self._host_free.pop() for _ in blocks]
+        self._pending_swap_out.extend((b.block_id, h) for b, h in zip(blocks, host))
+        self._host_blocks[seq.seq_id] = host
+        self.pool.free_blocks(reversed(blocks))
+
+    def swap_in(self, seq: Sequence, num_new_tokens: int) -> bool:
+        """Bring a swapped sequence back into fresh device blocks, with room for
+        `num_new_tokens` more tokens. False, changing nothing, if the pool cannot supply them."""
+        host = self._host_blocks[seq.seq_id]
+        need = max(len(host), self.num_blocks_needed(seq.num_computed_tokens + num_new_tokens))
+        blocks = self.pool.get_new_blocks(need)
+        if blocks is None:
+            return False
+        self._pending_swap_in.extend((h, b.block_id) for h, b in zip(host, blocks))
+        del self._host_blocks[seq.seq_id]
+        self._host_free.extend(host)
+        self._blocks[seq.seq_id] = blocks
+        self._num_cached[seq.seq_id] = 0  # re-registered by cache_computed_blocks after the step
+        return True
+
     def free(self, seq: Sequence) -> None:
         """Release the sequence's blocks. Tail blocks go first into the free queue so they are
         evicted before the prefix blocks that other requests are likelier to share.
@@ -168,7 +218,13 @@ class KVCacheManager:
         self._num_cached.pop(seq.seq_id, None)
         if blocks:
             self.pool.free_blocks(reversed(blocks))
+        host = self._host_blocks.pop(seq.seq_id, None)
+        if host:
+            self._host_free.extend(host)
 
     def check_all_free(self) -> None:
         assert not self._blocks, f"sequences still hold blocks: {sorted(self._blocks)[:8]}"
+        assert not self._host_blocks, f"sequences still hold host blocks: {sorted(self._host_blocks)[:8]}"
+        assert len(self._host_free) == self.num_host_blocks, (
+            f"host pool holds {len(self._host_free)} of {self.num_host_blocks} blocks")
         self.pool.check_all_free()

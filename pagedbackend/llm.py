@@ -6,11 +6,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
 from pagedbackend.async_engine import RequestFailedError
+from pagedbackend.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
 from pagedbackend.config import EngineArgs
 from pagedbackend.llm_engine import LLMEngine, PromptType
 from pagedbackend.outputs import RequestOutput
@@ -42,13 +43,34 @@ class LLM:
             if len(params) != len(prompts):
                 raise ValueError(f"sampling_params: got {len(params)} for {len(prompts)} prompts; pass one, or one per prompt")
 
+        adds = [lambda rid, p=p, sp=sp: self.llm_engine.add_request(rid, p, sp) for p, sp in zip(prompts, params)]
+        return self._run(adds, use_tqdm)
+
+    def beam_search(self, prompts: PromptType | Sequence[PromptType], params: BeamSearchParams,
+                    use_tqdm: bool = False) -> list[BeamSearchOutput]:
+        """Beam search for every prompt (transformers' `num_beams` decoding); the beams of a
+        prompt share KV blocks. Returns, per prompt, the best `beam_width` sequences."""
+        if isinstance(prompts, (str, Mapping)):
+            prompts = [prompts]
+        adds = [lambda rid, p=p: self.llm_engine.add_beam_search_request(rid, p, params) for p in prompts]
+        results = []
+        for out in self._run(adds, use_tqdm):
+            prompt_text = out.prompt if out.prompt is not None else self.llm_engine.tokenizer.decode(out.prompt_token_ids)
+            results.append(BeamSearchOutput([
+                BeamSearchSequence(tokens=out.prompt_token_ids + c.token_ids, cum_logprob=c.cumulative_logprob,
+                                   text=prompt_text + c.text, finish_reason=c.finish_reason)
+                for c in out.outputs]))
+        return results
+
+    def _run(self, adds: list[Callable[[str], None]], use_tqdm: bool) -> list[RequestOutput]:
+        """Add every request, step until all finish, return their final outputs in order."""
         engine = self.llm_engine
         ids: list[str] = []
         results: dict[str, RequestOutput] = {}
         try:
-            for prompt, sp in zip(prompts, params):
+            for add in adds:
                 request_id = engine.new_request_id()
-                engine.add_request(request_id, prompt, sp)
+                add(request_id)
                 ids.append(request_id)
             with tqdm(total=len(ids), desc="Generating", unit="req", disable=not use_tqdm) as bar:
                 while engine.has_unfinished_requests():

@@ -9,6 +9,7 @@ import logging
 import time
 from typing import Any, Mapping, Union
 
+from pagedbackend.beam_search import BeamSearchGroup, BeamSearchParams
 from pagedbackend.config import EngineArgs, EngineConfig
 from pagedbackend.errors import InvalidRequest
 from pagedbackend.kv_cache_manager import KVCacheManager
@@ -33,9 +34,11 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(config.tokenizer)
         self.runner = ModelRunner(config, progress)
         config.num_kv_blocks = self.runner.num_blocks
-        self.kv_cache_manager = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv_cache_manager = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
+                                               self.runner.num_host_blocks)
         self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.max_model_len, config.enable_chunked_prefill)
+                                   config.max_model_len, config.enable_chunked_prefill,
+                                   config.scheduling_policy, config.preemption_mode)
         self.output_processor = OutputProcessor(self.tokenizer)
         self.stats = EngineStats()
         self._request_ids = itertools.count()
@@ -56,8 +59,9 @@ class LLMEngine:
     def new_request_id(self) -> str:
         return str(next(self._request_ids))
 
-    def tokenize_prompt(self, prompt: PromptType) -> tuple[str | None, list[int]]:
-        """Validate a prompt and return (text, token ids); errors name the field."""
+    def tokenize_prompt(self, prompt: PromptType, truncate: int | None = None) -> tuple[str | None, list[int]]:
+        """Validate a prompt and return (text, token ids), keeping only the last `truncate`
+        tokens if given (vLLM's truncate_prompt_tokens); errors name the field."""
         if isinstance(prompt, str):
             text, ids = prompt, None
         elif isinstance(prompt, Mapping):
@@ -85,6 +89,8 @@ class LLMEngine:
             if bad:
                 raise InvalidRequest("prompt_token_ids", f"prompt_token_ids: token id {bad[0]} is out of range [0, {vocab})")
             ids = list(ids)
+        if truncate is not None:
+            ids = ids[-truncate:]
         if len(ids) >= self.config.max_model_len:
             raise InvalidRequest("prompt", f"prompt is {len(ids)} tokens, max_model_len is {self.config.max_model_len}: "
                              "it must be shorter to leave room for at least one generated token")
@@ -95,20 +101,65 @@ class LLMEngine:
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequest("sampling_params", f"sampling_params must be a SamplingParams, got {type(params).__name__}")
-        if request_id in self.output_processor.states:
-            raise InvalidRequest("request_id", f"request_id {request_id!r} is already in use")
-        text, ids = self.tokenize_prompt(prompt)
+        self._check_new_request(request_id, priority)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(params, name)
+            if value is not None and value > self.config.max_logprobs:
+                raise InvalidRequest(name, f"{name} must be at most max_logprobs={self.config.max_logprobs}, got {value}")
+        text, ids = self.tokenize_prompt(prompt, params.truncate_prompt_tokens)
+        bad_words_ids = self._bad_words_ids(params.bad_words) if params.bad_words else []
         arrival = arrival_time if arrival_time is not None else time.monotonic()
         seqs = []
-        for i in range(params.n):
+        for i in range(params.num_samples):
             p = params.clone(_eos_token_ids=self._eos_ids,
                              seed=None if params.seed is None else params.seed + i)
-            seqs.append(Sequence(request_id, ids, p, arrival, index=i, priority=priority))
+            seq = Sequence(request_id, ids, p, arrival, index=i, priority=priority)
+            seq.bad_words_ids = bad_words_ids
+            seqs.append(seq)
         self.scheduler.add_request(seqs)
         op = self.output_processor
         op.add(RequestState(request_id, text, ids, params, seqs,
                             [op.make_detokenizer(ids, s.params) for s in seqs], RequestMetrics(arrival)))
         self.stats.prompt_tokens += len(ids)
+
+    def add_beam_search_request(self, request_id: str, prompt: PromptType, params: BeamSearchParams,
+                                arrival_time: float | None = None, priority: int = 0) -> None:
+        """A beam search over `params.beam_width` beams that share KV blocks; its one output
+        arrives when the search is over, holding the best `beam_width` hypotheses."""
+        if not isinstance(params, BeamSearchParams):
+            raise InvalidRequest("params", f"params must be a BeamSearchParams, got {type(params).__name__}")
+        self._check_new_request(request_id, priority)
+        text, ids = self.tokenize_prompt(prompt)
+        eos = () if params.ignore_eos else self._eos_ids
+        seq_params = SamplingParams(temperature=0.0, max_tokens=params.max_tokens, ignore_eos=params.ignore_eos,
+                                    include_stop_str_in_output=params.include_stop_str_in_output,
+                                    _eos_token_ids=self._eos_ids)
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        seq = Sequence(request_id, ids, seq_params, arrival, priority=priority)
+        group = BeamSearchGroup(params, len(ids), frozenset(eos), self.config.max_model_len)
+        group.start(seq)
+        self.scheduler.add_request([seq])
+        self.output_processor.add(RequestState(request_id, text, ids, seq_params, [seq], [], RequestMetrics(arrival),
+                                               beam_group=group))
+        self.stats.prompt_tokens += len(ids)
+
+    def _check_new_request(self, request_id: str, priority: int) -> None:
+        if request_id in self.output_processor.states:
+            raise InvalidRequest("request_id", f"request_id {request_id!r} is already in use")
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise InvalidRequest("priority", f"priority must be an integer, got {priority!r}")
+
+    def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
+        """Token sequences of each bad word as it appears at the start of the text and after a
+        space (vLLM tokenizes both forms too; it drops the spaced one when its length differs,
+        which lets " word" through whenever the word alone takes several tokens)."""
+        result: list[list[int]] = []
+        for word in words:
+            for text in (word.lstrip(), " " + word.lstrip()):
+                ids = self.tokenizer.encode(text, add_special_tokens=False)
+                if ids and ids not in result:
+                    result.append(ids)
+        return result
 
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """End a request now and free its blocks; returns its final output (finish_reason
@@ -130,7 +181,7 @@ class LLMEngine:
             self.runner.sampler.forget(sched_out.finished_seq_ids)
             return []
         try:
-            tokens = self.runner.execute(sched_out)
+            sampled = self.runner.execute(sched_out)
         except Exception as e:  # fail this step's requests, keep serving the rest
             logger.exception("step failed; failing %d request(s)", len(sched_out.scheduled))
             outputs = []
@@ -141,7 +192,7 @@ class LLMEngine:
                     outputs.append(out)
             return outputs
         self.stats.steps += 1
-        updated = self.scheduler.update_from_output(sched_out, tokens)
+        updated = self.scheduler.update_from_output(sched_out, sampled)
         self.stats.generation_tokens += len(updated)
         outputs = self.output_processor.process(updated, self.scheduler)
         for out in outputs:
@@ -160,6 +211,10 @@ class LLMEngine:
             "num_running": len(self.scheduler.running),
             "num_waiting": len(self.scheduler.waiting),
             "num_preemptions": sched.num_preemptions,
+            "num_swapped": len(self.scheduler.swapped),
+            "num_swapped_out": sched.num_swapped_out,
+            "num_swapped_in": sched.num_swapped_in,
+            "num_free_host_blocks": kv.num_free_host_blocks,
             "last_batch_seqs": sched.last_batch_seqs,
             "max_batch_seqs": sched.max_batch_seqs,
             "num_chunked_prefill_steps": sched.num_chunked_prefill_steps,

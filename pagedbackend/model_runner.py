@@ -18,7 +18,7 @@ from pagedbackend.attention.metadata import AttentionMetadata
 from pagedbackend.config import EngineConfig
 from pagedbackend.kernels.layout import kv_cache_shape
 from pagedbackend.models.loader import load_model
-from pagedbackend.sampler import Sampler
+from pagedbackend.sampler import Sampler, SamplerOutput, gather_logprobs
 from pagedbackend.scheduler import SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,17 @@ class ModelRunner:
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(len(layers))]
         for layer, (key_cache, value_cache) in zip(layers, self.kv_caches):
             layer.bind(self.backend, key_cache, value_cache)
+        # Host-memory pool for swap preemption: same layout, its own tensor even on a CPU
+        # device (so the swap path is the same code everywhere). Pinned for fast CUDA copies.
+        self.num_host_blocks = 0
+        self.host_cache = None
+        if config.preemption_mode == "swap":
+            self.num_host_blocks = int(config.swap_space * 2**30 // self.bytes_per_block)
+            # Empty: a host block is always written (swap out) before it is read (swap in).
+            host_shape = kv_cache_shape(self.num_host_blocks, self.num_kv_heads, self.block_size, self.head_dim)
+            self.host_cache = torch.empty((len(layers), 2, *host_shape), dtype=config.dtype,
+                                          pin_memory=self.device.type == "cuda")
+            logger.info("swap space: %d host blocks (%.1f GiB)", self.num_host_blocks, config.swap_space)
         self.sampler = Sampler(self.device, config.seed)
 
     @property
@@ -83,20 +94,40 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> list[int]:
-        """Run one step; returns one token per entry of `out.sampling_sequences()`."""
+    def execute(self, out: SchedulerOutput) -> SamplerOutput:
+        """Run one step: block moves first (swap out, swap in, copy-on-write), then the forward
+        pass; returns one sampled token per entry of `out.sampling_sequences()`."""
         self.sampler.forget(out.finished_seq_ids)
+        if out.blocks_to_swap_out:
+            _copy_between(self.kv_cache, self.host_cache, out.blocks_to_swap_out)
+        if out.blocks_to_swap_in:
+            _copy_between(self.host_cache, self.kv_cache, out.blocks_to_swap_in)
         if out.blocks_to_copy:
             self.backend.copy_blocks(self.kv_cache, out.blocks_to_copy)
         if not out.scheduled:
-            return []
-        input_ids, positions, meta, logits_indices = self._prepare(out)
+            return SamplerOutput([], [], [])
+        input_ids, positions, meta, logits_indices, prompt_rows = self._prepare(out)
         self.backend.prepare(meta, self.kv_caches[0][0])
         hidden = self.model(input_ids, positions, meta)
         logits = self.model.compute_logits(hidden[logits_indices])
         seqs = out.sampling_sequences()
-        tokens = self.sampler(logits, self.sampler.make_batch(seqs, logits.shape[-1]))
-        return tokens.tolist()
+        result = self.sampler(logits, self.sampler.make_batch(seqs, logits.shape[-1]))
+        if prompt_rows:
+            result.prompt_logprobs = self._prompt_logprobs(hidden, prompt_rows)
+        return result
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, prompt_rows: list[tuple[int, list[int], list[int], int]]):
+        """Logprob of each prompt token given the ones before it, from this chunk's hidden
+        states (the logits at position p predict token p + 1)."""
+        index = torch.tensor([i for _, rows, _, _ in prompt_rows for i in rows], device=self.device)
+        targets = torch.tensor([t for _, _, tokens, _ in prompt_rows for t in tokens], device=self.device)
+        logprobs = torch.log_softmax(self.model.compute_logits(hidden[index]).float(), dim=-1)
+        entries = gather_logprobs(logprobs, targets, [k for _, rows, _, k in prompt_rows for _ in rows])
+        result, start = {}, 0
+        for seq_id, rows, _, _ in prompt_rows:
+            result[seq_id] = entries[start:start + len(rows)]
+            start += len(rows)
+        return result
 
     def _prepare(self, out: SchedulerOutput):
         items = out.scheduled
@@ -136,10 +167,21 @@ class ModelRunner:
         row_of_item = np.empty(len(items), dtype=np.int64)
         row_of_item[order] = np.arange(len(order))
         logits_indices = []
+        prompt_rows = []  # (seq_id, flat token rows, the prompt tokens they predict, top-k)
         for i, it in enumerate(items):
             if it.sample:
                 last = int(query_start[row_of_item[i] + 1]) - 1
                 logits_indices.extend([last] * (1 + len(it.fork_children)))
+            seq = it.seq
+            if seq.wants_prompt_logprobs:
+                # Positions p predicting prompt token p + 1 not yet recorded (a recompute after
+                # preemption does not record them twice).
+                first = max(seq.num_computed_tokens, len(seq.prompt_logprobs) - 1)
+                end = min(seq.num_computed_tokens + it.num_new_tokens, seq.prompt_len - 1)
+                if first < end:
+                    base = int(query_start[row_of_item[i]]) - seq.num_computed_tokens
+                    prompt_rows.append((seq.seq_id, list(range(base + first, base + end)),
+                                        seq.token_ids[first + 1:end + 1], seq.params.prompt_logprobs))
 
         dev = self.device
         meta = AttentionMetadata(
@@ -157,7 +199,14 @@ class ModelRunner:
         )
         return (torch.tensor(input_ids, dtype=torch.long, device=dev),
                 torch.from_numpy(positions).to(dev), meta,
-                torch.tensor(logits_indices, dtype=torch.long, device=dev))
+                torch.tensor(logits_indices, dtype=torch.long, device=dev), prompt_rows)
+
+
+def _copy_between(src: torch.Tensor, dst: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
+    """Copy whole blocks (all layers, K and V) between the device cache and the host pool."""
+    src_ids = torch.tensor([s for s, _ in pairs], device=src.device)
+    dst_ids = torch.tensor([d for _, d in pairs], device=dst.device)
+    dst[:, :, dst_ids] = src[:, :, src_ids].to(dst.device)
 
 
 def _host_available_bytes() -> int:

@@ -15,19 +15,21 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from pagedbackend.errors import InvalidRequest
-from pagedbackend.outputs import RequestOutput
-from pagedbackend.protocol import pop_bool
+from pagedbackend.outputs import Logprob, PositionLogprobs, RequestOutput
+from pagedbackend.protocol import delta_logprobs, pop_bool, pop_int
 from pagedbackend.sampling_params import SamplingParams
 
 # OpenAI request fields mapped onto SamplingParams, plus vLLM's extra sampling fields.
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "seed", "stop", "max_tokens", "top_k", "min_p", "min_tokens",
                     "ignore_eos", "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output",
-                    "spaces_between_special_tokens")
+                    "spaces_between_special_tokens", "frequency_penalty", "presence_penalty", "repetition_penalty",
+                    "logit_bias", "allowed_token_ids", "bad_words", "truncate_prompt_tokens", "prompt_logprobs")
 _IGNORED = ("model", "user", "service_tier", "store", "metadata")
-# Accepted only at their "off" value until the engine implements them.
-_NOT_YET = {"frequency_penalty": (0, 0.0), "presence_penalty": (0, 0.0), "repetition_penalty": (1, 1.0),
-            "logit_bias": ({},), "logprobs": (False,), "top_logprobs": (0,), "suffix": ("",), "tools": ([],),
-            "tool_choice": ("none",), "parallel_tool_calls": (False, True), "echo_logprobs": (False,)}
+# Accepted only at their "off" value: features of the API this server does not offer.
+_NOT_YET = {"suffix": ("",), "tools": ([],), "tool_choice": ("none",), "parallel_tool_calls": (False, True)}
+# OpenAI's limits on how many alternatives per token may be asked for.
+_MAX_COMPLETION_LOGPROBS = 5
+_MAX_CHAT_TOP_LOGPROBS = 20
 
 
 @dataclass
@@ -39,10 +41,24 @@ class OpenAIRequest:
     include_usage: bool = False
     echo: bool = False
     prompt_texts: list[str | None] = field(default_factory=list)
+    priority: int = 0
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return self.params.logprobs is not None
 
 
-def _sampling(body: dict[str, Any], allowed_extra: tuple[str, ...]) -> SamplingParams:
-    fields: dict[str, Any] = {}
+def _int_field(body: dict[str, Any], key: str, low: int, high: int) -> int | None:
+    value = body.pop(key, None)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise InvalidRequest(key, f"{key} must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+def _sampling(body: dict[str, Any], fields: dict[str, Any] | None = None) -> SamplingParams:
+    fields = dict(fields or {})
     for key in list(body):
         value = body.pop(key)
         if key in _SAMPLING_FIELDS:
@@ -52,11 +68,8 @@ def _sampling(body: dict[str, Any], allowed_extra: tuple[str, ...]) -> SamplingP
             continue
         elif key in _NOT_YET:
             if value is not None and value not in _NOT_YET[key]:
-                raise InvalidRequest(key, f"{key} is not supported yet")
-        elif key == "best_of":
-            if value is not None and value != fields.get("n", body.get("n", 1)):
-                raise InvalidRequest(key, "best_of other than n is not supported yet")
-        elif key not in allowed_extra:
+                raise InvalidRequest(key, f"{key} is not supported")
+        else:
             raise InvalidRequest(key, f"unknown field {key!r}")
     fields.setdefault("max_tokens", 16)
     return SamplingParams.from_dict(fields)
@@ -98,9 +111,21 @@ def parse_completion(body: dict[str, Any]) -> OpenAIRequest:
     stream = pop_bool(body, "stream")
     include_usage = _stream_options(body, stream)
     echo = pop_bool(body, "echo")
-    params = _sampling(body, ())
+    priority = pop_int(body, "priority")  # vLLM's extra field
+    extra: dict[str, Any] = {}
+    logprobs = _int_field(body, "logprobs", 0, _MAX_COMPLETION_LOGPROBS)
+    if logprobs is not None:
+        extra["logprobs"] = logprobs
+        if echo:  # echoed prompt tokens come with their logprobs too, as in OpenAI's API
+            extra["prompt_logprobs"] = logprobs
+    best_of = body.pop("best_of", None)
+    if best_of is not None:
+        if stream and best_of != body.get("n", 1):
+            raise InvalidRequest("best_of", "best_of cannot be used with stream (the best are known only at the end)")
+        extra["best_of"] = best_of
+    params = _sampling(body, extra)
     return OpenAIRequest("completion", prompts, params, stream, include_usage, echo,
-                         [p if isinstance(p, str) else None for p in prompts])
+                         [p if isinstance(p, str) else None for p in prompts], priority)
 
 
 def _message_text(i: int, message: Any) -> dict[str, str]:
@@ -137,7 +162,12 @@ def parse_chat(body: dict[str, Any], tokenizer: Any, chat_template: str | None =
     stream = pop_bool(body, "stream")
     include_usage = _stream_options(body, stream)
     add_generation_prompt = pop_bool(body, "add_generation_prompt", True)
-    params = _sampling(body, ())
+    priority = pop_int(body, "priority")  # vLLM's extra field
+    logprobs = pop_bool(body, "logprobs")
+    top_logprobs = _int_field(body, "top_logprobs", 0, _MAX_CHAT_TOP_LOGPROBS)
+    if top_logprobs is not None and not logprobs:
+        raise InvalidRequest("top_logprobs", "top_logprobs needs logprobs to be true")
+    params = _sampling(body, {"logprobs": top_logprobs or 0} if logprobs else {})
     template = chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
         raise InvalidRequest("messages", "this model's tokenizer has no chat template; set handler.chat_template")
@@ -149,7 +179,7 @@ def parse_chat(body: dict[str, Any], tokenizer: Any, chat_template: str | None =
     # The template already holds any special tokens it wants: encode without adding more.
     ids = tokenizer.encode(text, add_special_tokens=False)
     return OpenAIRequest("chat", [{"prompt": text, "prompt_token_ids": ids}], params, stream, include_usage,
-                         prompt_texts=[text])
+                         prompt_texts=[text], priority=priority)
 
 
 def models_response(model_name: str) -> dict[str, Any]:
@@ -157,11 +187,24 @@ def models_response(model_name: str) -> dict[str, Any]:
                                         "owned_by": "pagedbackend"}]}
 
 
+def _chat_token(lp: Logprob) -> dict[str, Any]:
+    text = lp.decoded_token or ""
+    return {"token": text, "logprob": lp.logprob, "bytes": list(text.encode("utf-8"))}
+
+
+def _append_completion_position(pos: PositionLogprobs, token: int, tokens: list[str],
+                                token_logprobs: list[float | None], top_logprobs: list[dict[str, float] | None]) -> None:
+    tokens.append(pos[token].decoded_token or "")
+    token_logprobs.append(pos[token].logprob)
+    top_logprobs.append({(lp.decoded_token or ""): lp.logprob for lp in pos.values()})
+
+
 class _Formatter:
     """Renders engine outputs as OpenAI objects; a choice's index is prompt * n + sample."""
 
-    def __init__(self, req: OpenAIRequest, request_id: str, model: str) -> None:
+    def __init__(self, req: OpenAIRequest, request_id: str, model: str, tokenizer: Any = None) -> None:
         self.req = req
+        self.tokenizer = tokenizer
         self.model = model
         self.created = int(time.time())
         self.id = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + request_id
@@ -181,7 +224,11 @@ class _Formatter:
         for p, out in enumerate(outs):
             for c in out.outputs:
                 text = (self.req.prompt_texts[p] or "") + c.text if self.req.echo else c.text
-                choice: dict[str, Any] = {"index": self._index(p, c.index), "logprobs": None,
+                logprobs = None
+                if self.req.wants_logprobs:
+                    echoed = out.prompt_logprobs if self.req.echo else None
+                    logprobs = self._logprobs(c.logprobs or [], echoed, out.prompt_token_ids)
+                choice: dict[str, Any] = {"index": self._index(p, c.index), "logprobs": logprobs,
                                           "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                 if self.req.kind == "chat":
                     choice["message"] = {"role": "assistant", "content": text}
@@ -202,7 +249,11 @@ class _Formatter:
             text = c.delta_text
             if first and self.req.echo:
                 text = (self.req.prompt_texts[prompt_idx] or "") + text
-            choice: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": c.finish_reason}
+            logprobs = None
+            if self.req.wants_logprobs:
+                echoed = out.prompt_logprobs if first and self.req.echo else None
+                logprobs = self._logprobs(delta_logprobs(c), echoed, out.prompt_token_ids)
+            choice: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": c.finish_reason}
             if self.req.kind == "chat":
                 choice["delta"] = ({"role": "assistant", "content": text} if first else
                                    ({"content": text} if text else {}))
@@ -212,6 +263,39 @@ class _Formatter:
                 choice["stop_reason"] = c.stop_reason
             events.append(self._event({"choices": [choice]}))
         return events
+
+    def _logprobs(self, positions: list[PositionLogprobs], echoed: list[PositionLogprobs | None] | None,
+                  prompt_ids: list[int]) -> dict[str, Any]:
+        """OpenAI's logprobs object: `content` entries for chat; parallel `tokens` /
+        `token_logprobs` / `top_logprobs` / `text_offset` lists for completions (the echoed
+        prompt first, its first token without a logprob)."""
+        if self.req.kind == "chat":
+            content = []
+            for pos in positions:
+                (token, chosen), *_ = pos.items()
+                top = sorted(((lp.rank, t, lp) for t, lp in pos.items() if lp.rank <= self.req.params.logprobs),
+                             key=lambda x: x[0]) if self.req.params.logprobs else []
+                content.append({**_chat_token(chosen), "top_logprobs": [_chat_token(lp) for _, _, lp in top]})
+            return {"content": content}
+        tokens: list[str] = []
+        token_logprobs: list[float | None] = []
+        top_logprobs: list[dict[str, float] | None] = []
+        if echoed is not None:
+            for pos, token in zip(echoed, prompt_ids):
+                if pos is None:
+                    tokens.append(self.tokenizer.decode([token]))
+                    token_logprobs.append(None)
+                    top_logprobs.append(None)
+                else:
+                    _append_completion_position(pos, token, tokens, token_logprobs, top_logprobs)
+        for pos in positions:
+            _append_completion_position(pos, next(iter(pos)), tokens, token_logprobs, top_logprobs)
+        offsets, offset = [], 0
+        for t in tokens:
+            offsets.append(offset)
+            offset += len(t)
+        return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs,
+                "text_offset": offsets}
 
     def usage_chunk(self, outs: list[RequestOutput]) -> str:
         return self._event({"choices": [], "usage": self.usage(outs)})
@@ -226,7 +310,7 @@ async def _run_all(engine: Any, req: OpenAIRequest, request_id: str) -> AsyncIte
     """Every prompt of the request through the engine at once; outputs as they arrive."""
     ids = [request_id] if len(req.prompts) == 1 else [f"{request_id}-{i}" for i in range(len(req.prompts))]
     if len(req.prompts) == 1:
-        async for out in engine.generate(req.prompts[0], req.params, ids[0]):
+        async for out in engine.generate(req.prompts[0], req.params, ids[0], priority=req.priority):
             yield 0, out
         return
     queue: asyncio.Queue = asyncio.Queue()
@@ -234,7 +318,7 @@ async def _run_all(engine: Any, req: OpenAIRequest, request_id: str) -> AsyncIte
 
     async def pump(i: int) -> None:
         try:
-            async for out in engine.generate(req.prompts[i], req.params, ids[i]):
+            async for out in engine.generate(req.prompts[i], req.params, ids[i], priority=req.priority):
                 await queue.put((i, out))
         except BaseException as e:  # handed to the consumer, which re-raises it
             await queue.put(e)
@@ -262,11 +346,11 @@ async def complete_openai(engine: Any, req: OpenAIRequest, request_id: str, mode
     async for i, out in _run_all(engine, req, request_id):
         if out.finished:
             finals[i] = out
-    return _Formatter(req, request_id, model).response([finals[i] for i in range(len(req.prompts))])
+    return _Formatter(req, request_id, model, engine.tokenizer).response([finals[i] for i in range(len(req.prompts))])
 
 
 async def stream_openai(engine: Any, req: OpenAIRequest, request_id: str, model: str) -> AsyncIterator[str]:
-    fmt = _Formatter(req, request_id, model)
+    fmt = _Formatter(req, request_id, model, engine.tokenizer)
     finals: dict[int, RequestOutput] = {}
     async for i, out in _run_all(engine, req, request_id):
         for event in fmt.chunks(i, out):

@@ -3,6 +3,10 @@
 Stop strings live here (they are about text): a match ends the sequence through the scheduler,
 which frees its blocks. While streaming, the last `len(longest stop) - 1` characters are held
 back so a stop string that is still forming is never sent and then retracted.
+
+What an output holds follows the request's `output_kind` (everything so far, only what is new,
+or nothing until the end). A request with `best_of > n` and a beam search are ranked only once
+all their sequences have finished, so they produce a single, final output.
 """
 
 from __future__ import annotations
@@ -11,8 +15,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from pagedbackend.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from pagedbackend.sampling_params import SamplingParams
+from pagedbackend.outputs import CompletionOutput, Logprob, PositionLogprobs, RequestMetrics, RequestOutput
+from pagedbackend.sampler import TokenLogprobs
+from pagedbackend.sampling_params import RequestOutputKind, SamplingParams
 from pagedbackend.sequence import Sequence, SequenceStatus
 from pagedbackend.tokenizer import IncrementalDetokenizer
 
@@ -26,17 +31,27 @@ class RequestState:
     seqs: list[Sequence]
     detokenizers: list[IncrementalDetokenizer]
     metrics: RequestMetrics
+    beam_group: Any = None  # pagedbackend.beam_search.BeamSearchGroup for beam search
     sent_chars: list[int] = field(default_factory=list)
     sent_tokens: list[int] = field(default_factory=list)
+    sent_prompt_logprobs: bool = False
     error: str | None = None
 
     def __post_init__(self) -> None:
         self.sent_chars = [0] * len(self.seqs)
         self.sent_tokens = [0] * len(self.seqs)
+        self.logprob_dicts: list[list[PositionLogprobs]] = [[] for _ in self.seqs]
 
     @property
     def finished(self) -> bool:
-        return all(s.is_finished for s in self.seqs)
+        seqs = self.beam_group.running if self.beam_group is not None else self.seqs
+        return all(s.is_finished for s in seqs)
+
+    @property
+    def final_only(self) -> bool:
+        """Outputs only once finished: asked for, or the sequences are ranked at the end."""
+        return (self.params.output_kind == RequestOutputKind.FINAL_ONLY or self.beam_group is not None
+                or self.params.num_samples > self.params.n)
 
 
 def find_stop_string(text: str, num_new_chars: int, stops: list[str]) -> tuple[str, int] | None:
@@ -54,6 +69,7 @@ class OutputProcessor:
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
         self.states: dict[str, RequestState] = {}
+        self._token_text: dict[int, str] = {}
 
     def add(self, state: RequestState) -> None:
         self.states[state.request_id] = state
@@ -77,6 +93,8 @@ class OutputProcessor:
                 m.first_token_time = now
             m.last_token_time = now
             m.num_generated_tokens += 1
+            if state.beam_group is not None:
+                continue  # beams are detokenized once, when the search is over
             detok = state.detokenizers[seq.index]
             before = len(detok.text)
             detok.add(seq.token_ids[-1])
@@ -92,7 +110,8 @@ class OutputProcessor:
                         seq.status, seq.stop_reason = SequenceStatus.FINISHED_STOPPED, stop
                     else:
                         scheduler.finish_sequence(seq, SequenceStatus.FINISHED_STOPPED, stop)
-        return [self._output(state, now) for state in touched.values()]
+        outputs = (self._output(state, now) for state in touched.values())
+        return [out for out in outputs if out is not None]
 
     def finish_without_token(self, request_id: str, error: str | None = None) -> RequestOutput | None:
         """Final output for a request ended from outside (abort, failed step)."""
@@ -103,30 +122,28 @@ class OutputProcessor:
             state.error = error
         return self._output(state, time.monotonic())
 
-    def _output(self, state: RequestState, now: float) -> RequestOutput:
-        completions = []
-        for i, seq in enumerate(state.seqs):
-            text = state.detokenizers[i].text
-            if not seq.is_finished:
-                hold = seq.params.output_text_buffer_length
-                if hold:
-                    text = text[:max(state.sent_chars[i], len(text) - hold)]
-            out_ids = seq.output_token_ids
-            completions.append(CompletionOutput(
-                index=seq.index,
-                text=text,
-                token_ids=out_ids,
-                finish_reason=seq.status.finish_reason,
-                stop_reason=seq.stop_reason,
-                delta_text=text[state.sent_chars[i]:],
-                delta_token_ids=out_ids[state.sent_tokens[i]:],
-            ))
-            state.sent_chars[i] = len(text)
-            state.sent_tokens[i] = len(out_ids)
+    def _output(self, state: RequestState, now: float) -> RequestOutput | None:
         finished = state.finished
+        if state.final_only and not finished:
+            return None
+        if state.beam_group is not None:
+            completions = self._beam_completions(state)
+        else:
+            completions = self._completions(state)
+            if state.params.num_samples > state.params.n:  # best_of: the n most likely samples
+                completions = sorted(completions, key=lambda c: -c.cumulative_logprob)[:state.params.n]
+                for rank, c in enumerate(completions):
+                    c.index = rank
         if finished:
             state.metrics.finished_time = now
             del self.states[state.request_id]
+        prompt_logprobs = None
+        if state.params.prompt_logprobs is not None and not (
+                state.params.output_kind == RequestOutputKind.DELTA and state.sent_prompt_logprobs):
+            seq = state.seqs[0]
+            if len(seq.prompt_logprobs) == seq.prompt_len:
+                prompt_logprobs = [None] + [self._position(e) for e in seq.prompt_logprobs[1:]]
+                state.sent_prompt_logprobs = True
         return RequestOutput(
             request_id=state.request_id,
             prompt=state.prompt,
@@ -136,4 +153,61 @@ class OutputProcessor:
             error=state.error,
             num_cached_tokens=max(0, state.seqs[0].num_cached_tokens),
             metrics=state.metrics,
+            prompt_logprobs=prompt_logprobs,
         )
+
+    def _completions(self, state: RequestState) -> list[CompletionOutput]:
+        delta = state.params.output_kind == RequestOutputKind.DELTA
+        completions = []
+        for i, seq in enumerate(state.seqs):
+            text = state.detokenizers[i].text
+            if not seq.is_finished:
+                hold = seq.params.output_text_buffer_length
+                if hold:
+                    text = text[:max(state.sent_chars[i], len(text) - hold)]
+            out_ids = seq.output_token_ids
+            logprobs = None
+            if seq.params.logprobs is not None:
+                dicts = state.logprob_dicts[i]
+                dicts.extend(self._position(e) for e in seq.logprobs[len(dicts):])
+                logprobs = dicts[state.sent_tokens[i]:] if delta else list(dicts)
+            delta_text, delta_ids = text[state.sent_chars[i]:], out_ids[state.sent_tokens[i]:]
+            completions.append(CompletionOutput(
+                index=seq.index,
+                text=delta_text if delta else text,
+                token_ids=delta_ids if delta else out_ids,
+                cumulative_logprob=seq.cumulative_logprob if seq.wants_logprobs else None,
+                logprobs=logprobs,
+                finish_reason=seq.status.finish_reason,
+                stop_reason=seq.stop_reason,
+                delta_text=delta_text,
+                delta_token_ids=delta_ids,
+            ))
+            state.sent_chars[i] = len(text)
+            state.sent_tokens[i] = len(out_ids)
+        return completions
+
+    def _beam_completions(self, state: RequestState) -> list[CompletionOutput]:
+        """The finished hypotheses, best first (a search aborted early returns what it has)."""
+        out = []
+        skip = state.params.skip_special_tokens
+        for i, hyp in enumerate(state.beam_group.best()):
+            text = self.tokenizer.decode(hyp.token_ids, skip_special_tokens=skip, clean_up_tokenization_spaces=False)
+            out.append(CompletionOutput(index=i, text=text, token_ids=hyp.token_ids,
+                                        cumulative_logprob=hyp.cumulative_logprob, finish_reason=hyp.finish_reason,
+                                        delta_text=text, delta_token_ids=hyp.token_ids))
+        return out
+
+    def _position(self, entry: TokenLogprobs) -> PositionLogprobs:
+        """vLLM's per-position dict: the chosen token first, then the top-k alternatives."""
+        result = {entry.token: Logprob(entry.logprob, entry.rank, self._decode_one(entry.token))}
+        for token, (logprob, rank) in entry.top.items():
+            if token not in result:
+                result[token] = Logprob(logprob, rank, self._decode_one(token))
+        return result
+
+    def _decode_one(self, token: int) -> str:
+        text = self._token_text.get(token)
+        if text is None:
+            text = self._token_text[token] = self.tokenizer.decode([token], clean_up_tokenization_spaces=False)
+        return text

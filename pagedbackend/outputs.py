@@ -11,12 +11,25 @@ from dataclasses import dataclass, field
 
 
 @dataclass
+class Logprob:
+    """One token's log-probability under the model's raw distribution (vLLM's `Logprob`)."""
+
+    logprob: float
+    rank: int | None = None  # 1 = the most likely token
+    decoded_token: str | None = None
+
+
+# Per position: the chosen (or prompt) token and the requested top-k alternatives.
+PositionLogprobs = dict[int, Logprob]
+
+
+@dataclass
 class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    cumulative_logprob: float | None = None
-    logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float | None = None  # set when logprobs were requested (or best_of ranks)
+    logprobs: list[PositionLogprobs] | None = None
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
     delta_text: str = ""
@@ -36,6 +49,7 @@ class RequestOutput:
     error: str | None = None  # set when the request failed inside the engine
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     metrics: "RequestMetrics | None" = None
+    prompt_logprobs: list[PositionLogprobs | None] | None = None  # first entry None, like vLLM
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from pagedbackend.errors import InvalidRequest
-from pagedbackend.outputs import CompletionOutput, RequestOutput
+from pagedbackend.outputs import CompletionOutput, PositionLogprobs, RequestOutput
 from pagedbackend.sampling_params import SamplingParams
 
 
@@ -23,6 +23,7 @@ class GenerateRequest:
     prompt: str | dict[str, Any]
     params: SamplingParams
     stream: bool
+    priority: int = 0
 
 
 def load_json(payload: Any) -> dict[str, Any]:
@@ -54,6 +55,15 @@ def pop_bool(body: dict[str, Any], key: str, default: bool = False) -> bool:
     return value
 
 
+def pop_int(body: dict[str, Any], key: str, default: int = 0) -> int:
+    value = body.pop(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(key, f"{key} must be an integer, got {value!r}")
+    return value
+
+
 def parse_generate(body: dict[str, Any]) -> GenerateRequest:
     body = dict(body)
     stream = pop_bool(body, "stream")
@@ -67,7 +77,8 @@ def parse_generate(body: dict[str, Any]) -> GenerateRequest:
             raise InvalidRequest("prompt", f"prompt must be a string, got {type(prompt).__name__}")
     else:
         prompt = {"prompt_token_ids": body.pop("prompt_token_ids")}
-    return GenerateRequest(prompt, SamplingParams.from_dict(body), stream)
+    priority = pop_int(body, "priority")
+    return GenerateRequest(prompt, SamplingParams.from_dict(body), stream, priority)
 
 
 def usage(out: RequestOutput) -> dict[str, int]:
@@ -76,17 +87,33 @@ def usage(out: RequestOutput) -> dict[str, int]:
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
+def logprobs_json(positions: list[PositionLogprobs | None]) -> list[dict[str, Any] | None]:
+    """Per position {token id (as a JSON key): {logprob, rank, decoded_token}}, like vLLM's."""
+    return [None if pos is None else
+            {str(t): {"logprob": lp.logprob, "rank": lp.rank, "decoded_token": lp.decoded_token}
+             for t, lp in pos.items()}
+            for pos in positions]
+
+
 def _completion_dict(c: CompletionOutput) -> dict[str, Any]:
-    return {"index": c.index, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
-            "stop_reason": c.stop_reason}
+    d = {"index": c.index, "text": c.text, "token_ids": c.token_ids, "finish_reason": c.finish_reason,
+         "stop_reason": c.stop_reason}
+    if c.cumulative_logprob is not None:
+        d["cumulative_logprob"] = c.cumulative_logprob
+    if c.logprobs is not None:
+        d["logprobs"] = logprobs_json(c.logprobs)
+    return d
 
 
 def native_response(out: RequestOutput) -> dict[str, Any]:
     """The whole answer as one JSON document; top-level text/token_ids are the first sample's."""
     first = out.outputs[0]
-    return {"id": out.request_id, "text": first.text, "token_ids": first.token_ids,
+    body = {"id": out.request_id, "text": first.text, "token_ids": first.token_ids,
             "finish_reason": first.finish_reason, "stop_reason": first.stop_reason,
             "outputs": [_completion_dict(c) for c in out.outputs], "usage": usage(out)}
+    if out.prompt_logprobs is not None:
+        body["prompt_logprobs"] = logprobs_json(out.prompt_logprobs)
+    return body
 
 
 class NativeStream:
@@ -95,6 +122,7 @@ class NativeStream:
 
     def __init__(self) -> None:
         self._finished: set[int] = set()
+        self._sent_prompt_logprobs = False
 
     def lines(self, out: RequestOutput) -> list[str]:
         lines = []
@@ -103,14 +131,26 @@ class NativeStream:
                 continue
             if c.delta_text or c.delta_token_ids or c.finish_reason is not None:
                 chunk: dict[str, Any] = {"index": c.index, "text": c.delta_text, "token_ids": c.delta_token_ids}
+                if c.logprobs is not None:
+                    chunk["logprobs"] = logprobs_json(delta_logprobs(c))
                 if c.finish_reason is not None:
                     chunk["finish_reason"] = c.finish_reason
                     chunk["stop_reason"] = c.stop_reason
                     self._finished.add(c.index)
                 lines.append(chunk)
+        if out.prompt_logprobs is not None and not self._sent_prompt_logprobs and lines:
+            lines[0]["prompt_logprobs"] = logprobs_json(out.prompt_logprobs)
+            self._sent_prompt_logprobs = True
         if out.finished and lines:
             lines[-1]["usage"] = usage(out)
         return [json.dumps(line) + "\n" for line in lines]
+
+
+def delta_logprobs(c: CompletionOutput) -> list[PositionLogprobs]:
+    """The logprobs of the tokens new in this output (cumulative outputs carry them all)."""
+    if not c.logprobs or not c.delta_token_ids:
+        return []
+    return c.logprobs[-len(c.delta_token_ids):]
 
 
 def error_body(exc: BaseException) -> tuple[int, dict[str, Any]]:

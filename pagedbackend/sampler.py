@@ -1,15 +1,21 @@
 """Turns the logits of the rows that sample into tokens, for the whole batch at once.
 
-Greedy rows take the argmax. Random rows are temperature-scaled, filtered (top-k, top-p,
-min-p) and sampled with the exponential-race trick: argmax(p / E) with E ~ Exp(1) picks token
-i with probability p_i. The noise for a seeded sequence comes from that sequence's own
-generator, one draw of the vocabulary's size per token, so its samples do not depend on what
-else is in the batch.
+Order of operations (vLLM's): raw logprobs are taken first (what `logprobs` reports); then
+the allowed-token mask, bad words and the min_tokens ban; logit bias; presence / frequency
+penalties (on generated tokens, OpenAI's definition) and the repetition penalty (on prompt and
+generated tokens, transformers' definition); then greedy rows take the argmax and the others
+are temperature-scaled, filtered (top-k, top-p, min-p) and sampled with the exponential race:
+argmax(p / E) with E ~ Exp(1) picks token i with probability p_i. A seeded sequence draws its
+noise from its own generator, so its samples do not depend on the rest of the batch.
+
+Every step is one tensor operation over the rows that need it; the common case (no penalties,
+no bias, no logprobs) skips them entirely.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import chain
 
 import torch
 
@@ -22,13 +28,40 @@ class SamplingBatch:
 
     temperatures: torch.Tensor  # [S], 1.0 for greedy rows (never divides by zero)
     top_k: torch.Tensor | None  # [S] int64, vocab size where disabled
-    top_p: torch.Tensor | None  # [S]
-    min_p: torch.Tensor | None  # [S]
+    top_p: torch.Tensor | None
+    min_p: torch.Tensor | None
     greedy: torch.Tensor  # [S] bool
     all_greedy: bool
-    banned_rows: list[int]  # (row, token) pairs masked to -inf: stop tokens before min_tokens
-    banned_tokens: list[int]
+    banned: tuple[list[int], list[int]]  # (rows, tokens) set to -inf
+    allowed: tuple[list[int], list[int]]  # (rows, tokens) the only tokens a row may pick
+    allowed_rows: list[int]
+    bias: tuple[list[int], list[int], list[float]]
+    penalty_rows: list[int]
     seeded_rows: list[tuple[int, Sequence]]
+    logprob_rows: list[tuple[int, int]]  # (row, top-k) rows reporting the chosen token's logprob
+    beam_rows: list[tuple[int, int]]  # (row, K) rows returning their K best next tokens instead
+    seqs: list[Sequence] = field(default_factory=list)
+
+
+@dataclass
+class TokenLogprobs:
+    """The chosen token's raw logprob and rank, and the top-k alternatives."""
+
+    token: int
+    logprob: float
+    rank: int
+    top: dict[int, tuple[float, int]]  # token -> (logprob, rank)
+
+
+@dataclass
+class SamplerOutput:
+    """What one step produced, as plain Python values (the scheduler consumes it)."""
+
+    tokens: list[int]  # one per sampling row (-1 for beam rows)
+    logprobs: list[TokenLogprobs | None]
+    beam_candidates: list[tuple[list[float], list[int]] | None]  # log_softmax values and token ids
+    # seq_id -> logprobs of the prompt tokens this step's chunk predicted, in position order
+    prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)
 
 
 class Sampler:
@@ -44,11 +77,15 @@ class Sampler:
 
     def make_batch(self, seqs: list[Sequence], vocab_size: int) -> SamplingBatch:
         temps, top_k, top_p, min_p, greedy = [], [], [], [], []
-        banned_rows: list[int] = []
-        banned_tokens: list[int] = []
-        seeded: list[tuple[int, Sequence]] = []
+        banned: tuple[list[int], list[int]] = ([], [])
+        allowed: tuple[list[int], list[int]] = ([], [])
+        allowed_rows: list[int] = []
+        bias: tuple[list[int], list[int], list[float]] = ([], [], [])
+        penalty_rows, seeded, logprob_rows, beam_rows = [], [], [], []
         for row, seq in enumerate(seqs):
             p = seq.params
+            if seq.beam_group is not None:
+                beam_rows.append((row, seq.beam_k))
             g = p.is_greedy
             greedy.append(g)
             temps.append(1.0 if g else p.temperature)
@@ -58,10 +95,31 @@ class Sampler:
             if seq.num_output_tokens < p.min_tokens:
                 for t in p.all_stop_token_ids:
                     if t < vocab_size:
-                        banned_rows.append(row)
-                        banned_tokens.append(t)
+                        banned[0].append(row)
+                        banned[1].append(t)
+            if seq.bad_words_ids:
+                for t in seq.banned_by_bad_words():
+                    if t < vocab_size:
+                        banned[0].append(row)
+                        banned[1].append(t)
+            if p.allowed_token_ids:
+                allowed_rows.append(row)
+                for t in p.allowed_token_ids:
+                    if t < vocab_size:
+                        allowed[0].append(row)
+                        allowed[1].append(t)
+            if p.logit_bias:
+                for t, b in p.logit_bias.items():
+                    if t < vocab_size:
+                        bias[0].append(row)
+                        bias[1].append(t)
+                        bias[2].append(b)
+            if p.has_penalties:
+                penalty_rows.append(row)
             if not g and p.seed is not None:
                 seeded.append((row, seq))
+            if seq.wants_logprobs:
+                logprob_rows.append((row, p.logprobs or 0))
         dev = self.device
         return SamplingBatch(
             temperatures=torch.tensor(temps, device=dev, dtype=torch.float32),
@@ -70,19 +128,61 @@ class Sampler:
             min_p=torch.tensor(min_p, device=dev, dtype=torch.float32) if any(x > 0.0 for x in min_p) else None,
             greedy=torch.tensor(greedy, device=dev),
             all_greedy=all(greedy),
-            banned_rows=banned_rows,
-            banned_tokens=banned_tokens,
-            seeded_rows=seeded,
+            banned=banned, allowed=allowed, allowed_rows=allowed_rows, bias=bias, penalty_rows=penalty_rows,
+            seeded_rows=seeded, logprob_rows=logprob_rows, beam_rows=beam_rows, seqs=seqs,
         )
 
-    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         logits = logits.float()
-        if batch.banned_rows:
-            logits[batch.banned_rows, batch.banned_tokens] = float("-inf")
+        num_rows = logits.shape[0]
+        raw_logprobs = None
+        if batch.logprob_rows or batch.beam_rows:
+            raw_logprobs = torch.log_softmax(logits, dim=-1)
+        logits = self._process(logits.clone() if raw_logprobs is not None else logits, batch)
+
         greedy_tokens = logits.argmax(dim=-1)
         if batch.all_greedy:
-            return greedy_tokens
+            tokens = greedy_tokens
+        else:
+            tokens = torch.where(batch.greedy, greedy_tokens, self._sample(logits, batch))
 
+        token_list = tokens.tolist()
+        logprobs: list[TokenLogprobs | None] = [None] * num_rows
+        beams: list[tuple[list[float], list[int]] | None] = [None] * num_rows
+        if batch.logprob_rows:
+            rows = torch.tensor([r for r, _ in batch.logprob_rows], device=logits.device)
+            entries = gather_logprobs(raw_logprobs[rows], tokens[rows], [k for _, k in batch.logprob_rows])
+            for (row, _), entry in zip(batch.logprob_rows, entries):
+                logprobs[row] = entry
+        if batch.beam_rows:
+            rows = torch.tensor([r for r, _ in batch.beam_rows], device=logits.device)
+            max_k = max(k for _, k in batch.beam_rows)
+            values, ids = (x.tolist() for x in raw_logprobs[rows].topk(max_k, dim=-1))
+            for j, (row, k) in enumerate(batch.beam_rows):
+                beams[row] = (values[j][:k], ids[j][:k])
+                token_list[row] = -1
+        return SamplerOutput(token_list, logprobs, beams)
+
+    def _process(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """Masks, bias and penalties, in vLLM's order."""
+        if batch.allowed_rows:
+            keep = torch.zeros_like(logits, dtype=torch.bool)
+            keep[batch.allowed[0], batch.allowed[1]] = True
+            rows = torch.tensor(batch.allowed_rows, device=logits.device)
+            logits[rows] = logits[rows].masked_fill(~keep[rows], float("-inf"))
+        if batch.banned[0]:
+            logits[batch.banned[0], batch.banned[1]] = float("-inf")
+        if batch.bias[0]:
+            values = torch.tensor(batch.bias[2], device=logits.device, dtype=logits.dtype)
+            logits.index_put_((torch.tensor(batch.bias[0], device=logits.device),
+                               torch.tensor(batch.bias[1], device=logits.device)), values, accumulate=True)
+        if batch.penalty_rows:
+            rows = torch.tensor(batch.penalty_rows, device=logits.device)
+            seqs = [batch.seqs[r] for r in batch.penalty_rows]
+            logits[rows] = apply_penalties(logits[rows], seqs)
+        return logits
+
+    def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         logits = logits / batch.temperatures[:, None]
         if batch.top_k is not None:
             logits = _apply_top_k(logits, batch.top_k)
@@ -91,7 +191,6 @@ class Sampler:
             probs = _apply_top_p(probs, batch.top_p)
         if batch.min_p is not None:
             probs = _apply_min_p(probs, batch.min_p)
-
         noise = torch.empty_like(probs)
         noise.exponential_(generator=self.generator)
         for row, seq in batch.seeded_rows:
@@ -101,8 +200,51 @@ class Sampler:
                 gen.manual_seed(seq.params.seed)
                 self._seq_generators[seq.seq_id] = gen
             noise[row].exponential_(generator=gen)
-        sampled = (probs / noise).argmax(dim=-1)
-        return torch.where(batch.greedy, greedy_tokens, sampled)
+        return (probs / noise).argmax(dim=-1)
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """Presence and frequency penalties count generated tokens (OpenAI); the repetition
+    penalty applies to every token seen in prompt or output, dividing positive logits and
+    multiplying negative ones (transformers' RepetitionPenaltyLogitsProcessor)."""
+    dev, dtype = logits.device, logits.dtype
+    counts = token_counts([s.output_token_ids for s in seqs], logits.shape[1], dev, dtype)
+    presence = torch.tensor([s.params.presence_penalty for s in seqs], device=dev, dtype=dtype)
+    frequency = torch.tensor([s.params.frequency_penalty for s in seqs], device=dev, dtype=dtype)
+    repetition = torch.tensor([s.params.repetition_penalty for s in seqs], device=dev, dtype=dtype)
+    if (repetition != 1.0).any():
+        seen = (token_counts([s.token_ids[:s.prompt_len] for s in seqs], logits.shape[1], dev, dtype) > 0) | (counts > 0)
+        rep = repetition[:, None].expand_as(logits)
+        logits = torch.where(seen, torch.where(logits < 0, logits * rep, logits / rep), logits)
+    return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0).to(dtype)
+
+
+def token_counts(lists: list[list[int]], vocab: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """[rows, vocab] occurrences of each row's token ids, built with one scatter for the batch."""
+    lengths = torch.tensor([len(x) for x in lists])
+    flat = torch.tensor(list(chain.from_iterable(lists)), dtype=torch.long, device=device)
+    rows = torch.repeat_interleave(torch.arange(len(lists)), lengths).to(device)
+    counts = torch.zeros(len(lists), vocab, device=device, dtype=dtype)
+    counts.index_put_((rows, flat), torch.ones(flat.shape, device=device, dtype=dtype), accumulate=True)
+    return counts
+
+
+def gather_logprobs(logprobs: torch.Tensor, chosen: torch.Tensor, top_k: list[int]) -> list[TokenLogprobs]:
+    """Per row of `logprobs` ([R, V], normalised): the chosen token's logprob and rank (1 =
+    most likely) and the row's `top_k[r]` best tokens. One topk for all rows."""
+    chosen_lp = logprobs.gather(1, chosen[:, None]).squeeze(1)
+    ranks = (logprobs > chosen_lp[:, None]).sum(dim=1) + 1
+    max_k = max(top_k, default=0)
+    top_v = top_i = None
+    if max_k:
+        top_v, top_i = (x.tolist() for x in logprobs.topk(max_k, dim=-1))
+    out = []
+    for j, (token, lp, rank, k) in enumerate(zip(chosen.tolist(), chosen_lp.tolist(), ranks.tolist(), top_k)):
+        top = {}
+        if k:
+            top = {t: (v, r) for r, (v, t) in enumerate(zip(top_v[j][:k], top_i[j][:k]), start=1)}
+        out.append(TokenLogprobs(token, lp, rank, top))
+    return out
 
 
 def _apply_top_k(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

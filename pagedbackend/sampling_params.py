@@ -7,6 +7,7 @@ that sent it, with the field's name, before it can reach the engine loop.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -14,6 +15,14 @@ from pagedbackend.errors import InvalidRequest
 
 # Below this temperature sampling is greedy (argmax); vLLM uses the same threshold.
 GREEDY_TEMPERATURE = 1e-5
+
+
+class RequestOutputKind(enum.IntEnum):
+    """What each streamed RequestOutput holds (vLLM's names)."""
+
+    CUMULATIVE = 0  # everything so far
+    DELTA = 1  # only what is new since the previous output
+    FINAL_ONLY = 2  # nothing until the request finishes, then everything
 
 
 @dataclass
@@ -34,6 +43,17 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    best_of: int | None = None
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
+    truncate_prompt_tokens: int | None = None
 
     # Filled by the engine, not by users: the model's EOS ids (generation_config + tokenizer).
     _eos_token_ids: tuple[int, ...] = field(default=(), repr=False, compare=False)
@@ -74,14 +94,56 @@ class SamplingParams:
             raise InvalidRequest("stop_token_ids", f"stop_token_ids must be non-negative, got {self.stop_token_ids}")
         if self.seed is not None and not -(2**63) <= self.seed < 2**63:
             raise InvalidRequest("seed", f"seed must fit in a signed 64-bit integer, got {self.seed}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise InvalidRequest(name, f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.repetition_penalty <= 0.0:
+            raise InvalidRequest("repetition_penalty", f"repetition_penalty must be positive, got {self.repetition_penalty}")
+        self._check_token_lists()
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise InvalidRequest(name, f"{name} must be non-negative, got {value}")
+        if self.best_of is not None and self.best_of < self.n:
+            raise InvalidRequest("best_of", f"best_of must be at least n={self.n}, got {self.best_of}")
+        if self.best_of is not None and self.best_of > 1 and self.is_greedy:
+            raise InvalidRequest("best_of", "best_of > 1 needs sampling (temperature > 0): greedy samples are identical")
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
+            raise InvalidRequest("truncate_prompt_tokens",
+                                 f"truncate_prompt_tokens must be at least 1, got {self.truncate_prompt_tokens}")
         if self.is_greedy:
             # Filters are meaningless for argmax; normalising keeps the sampler's fast path simple.
             self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
 
+    def _check_token_lists(self) -> None:
+        if self.logit_bias is not None:
+            if not isinstance(self.logit_bias, Mapping):
+                raise InvalidRequest("logit_bias", "logit_bias must map token ids to numbers")
+            bias = {}
+            for key, value in self.logit_bias.items():
+                try:  # JSON object keys arrive as strings, as in OpenAI's API
+                    token = int(key)
+                except (TypeError, ValueError):
+                    raise InvalidRequest("logit_bias", f"logit_bias keys must be token ids, got {key!r}") from None
+                if token < 0 or isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+                    raise InvalidRequest("logit_bias", f"logit_bias[{key!r}] must be a number for a token id >= 0")
+                bias[token] = max(-100.0, min(100.0, float(value)))  # OpenAI clamps to [-100, 100]
+            self.logit_bias = bias
+        if self.allowed_token_ids is not None:
+            ids = self.allowed_token_ids
+            if not isinstance(ids, (list, tuple)) or not ids or not all(
+                    isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids):
+                raise InvalidRequest("allowed_token_ids", "allowed_token_ids must be a non-empty list of token ids")
+            self.allowed_token_ids = list(ids)
+        if self.bad_words is not None:
+            if not isinstance(self.bad_words, (list, tuple)) or not all(isinstance(w, str) and w for w in self.bad_words):
+                raise InvalidRequest("bad_words", "bad_words must be a list of non-empty strings")
+            self.bad_words = list(self.bad_words)
+
     def _check_types(self) -> None:
         ints = ("n", "top_k", "min_tokens")
-        optional_ints = ("max_tokens", "seed")
-        floats = ("temperature", "top_p", "min_p")
+        optional_ints = ("max_tokens", "seed", "logprobs", "prompt_logprobs", "best_of", "truncate_prompt_tokens")
+        floats = ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty")
         bools = ("ignore_eos", "include_stop_str_in_output", "skip_special_tokens",
                  "spaces_between_special_tokens")
         for name in ints + optional_ints:
@@ -100,6 +162,11 @@ class SamplingParams:
         for name in bools:
             if not isinstance(getattr(self, name), bool):
                 raise InvalidRequest(name, f"{name} must be true or false, got {getattr(self, name)!r}")
+        try:
+            self.output_kind = RequestOutputKind(self.output_kind)
+        except ValueError:
+            raise InvalidRequest("output_kind", f"output_kind must be 0 (cumulative), 1 (delta) or 2 (final only), "
+                                                f"got {self.output_kind!r}") from None
         if self.stop is not None and not isinstance(self.stop, str):
             if not isinstance(self.stop, (list, tuple)) or not all(isinstance(s, str) for s in self.stop):
                 raise InvalidRequest("stop", f"stop must be a string or a list of strings, got {self.stop!r}")
@@ -112,6 +179,15 @@ class SamplingParams:
     @property
     def is_greedy(self) -> bool:
         return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def num_samples(self) -> int:
+        """Sequences generated: best_of of them, of which the n most likely are returned."""
+        return max(self.n, self.best_of or 1)
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
     @property
     def all_stop_token_ids(self) -> frozenset[int]:

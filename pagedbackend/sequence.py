@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+from typing import Any
 
 from pagedbackend.block_pool import BlockHash
 from pagedbackend.sampling_params import SamplingParams
@@ -19,6 +20,7 @@ class SequenceStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"  # waiting again, its KV freed, to be recomputed
+    SWAPPED = "swapped"  # preempted with its KV copied to host memory, to be copied back
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
@@ -70,6 +72,15 @@ class Sequence:
         self.block_hashes: list[BlockHash] = []
         # Samples 1..n-1 of a request, waiting for this (first) sample's prefill to fork from it.
         self.fork_children: list[Sequence] = []
+        # Sum of the chosen tokens' logprobs, and per-token details when `params.logprobs` is set.
+        self.cumulative_logprob = 0.0
+        self.logprobs: list[Any] = []
+        # Per prompt position (first is None) when `params.prompt_logprobs` is set.
+        self.prompt_logprobs: list[Any] = [None]
+        # Token-id sequences that must not be generated (bad_words, tokenized by the engine).
+        self.bad_words_ids: list[list[int]] = []
+        # The beam search this sequence is a beam of (pagedbackend.beam_search.BeamSearchGroup).
+        self.beam_group: Any = None
 
     @property
     def num_tokens(self) -> int:
@@ -87,12 +98,56 @@ class Sequence:
     def is_finished(self) -> bool:
         return self.status.is_finished
 
+    @property
+    def beam_k(self) -> int:
+        """Candidates a beam reports per step (0 when this is not a beam)."""
+        return self.beam_group.candidates_per_beam if self.beam_group is not None else 0
+
+    @property
+    def wants_logprobs(self) -> bool:
+        """The sampler must report the chosen token's logprob: asked for, or needed to rank
+        best_of samples."""
+        p = self.params
+        return p.logprobs is not None or p.num_samples > p.n
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.prompt_len
+
+    def banned_by_bad_words(self) -> list[int]:
+        """Tokens that would complete a bad word given the tokens so far (transformers'
+        NoBadWordsLogitsProcessor: the word's prefix must end the prompt + output)."""
+        banned = []
+        tokens = self.token_ids
+        for word in self.bad_words_ids:
+            prefix = word[:-1]
+            if not prefix or (len(prefix) <= len(tokens) and tokens[len(tokens) - len(prefix):] == prefix):
+                banned.append(word[-1])
+        return banned
+
     def fork(self, index: int, params: SamplingParams) -> "Sequence":
         """A new sample of the same prompt; blocks are shared by the KV cache manager."""
         child = Sequence(self.request_id, self.token_ids[: self.prompt_len], params,
                          self.arrival_time, index=index, priority=self.priority)
         child.block_hashes = self.block_hashes[:]
         child.num_cached_tokens = self.num_cached_tokens
+        child.bad_words_ids = self.bad_words_ids
+        child.prompt_logprobs = self.prompt_logprobs
+        return child
+
+    def branch(self) -> "Sequence":
+        """A copy of this sequence's tokens and progress (a beam continuing from the same
+        parent); its blocks are shared by the KV cache manager."""
+        child = Sequence(self.request_id, self.token_ids[: self.prompt_len], self.params,
+                         self.arrival_time, index=self.index, priority=self.priority)
+        child.token_ids = list(self.token_ids)
+        child.num_computed_tokens = self.num_computed_tokens
+        child.num_cached_tokens = self.num_cached_tokens
+        child.block_hashes = self.block_hashes[:]
+        child.status = self.status
+        child.cumulative_logprob = self.cumulative_logprob
+        child.bad_words_ids = self.bad_words_ids
+        child.beam_group = self.beam_group
         return child
 
     def __repr__(self) -> str:

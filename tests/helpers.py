@@ -14,21 +14,35 @@ _HF_MODELS: dict[Path, Any] = {}
 _HF_CACHE: dict[tuple, list[int]] = {}
 
 
-def hf_greedy(path: Path, prompt: list[int], max_new_tokens: int) -> list[int]:
-    """transformers' greedy generate() for one prompt (fp32), stopping at EOS as it does."""
+def hf_model(path: Path) -> Any:
+    """The transformers model of a tiny model directory (fp32), loaded once per session."""
     from transformers import AutoModelForCausalLM
 
-    key = (path, tuple(prompt), max_new_tokens)
+    if path not in _HF_MODELS:
+        _HF_MODELS[path] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return _HF_MODELS[path]
+
+
+def hf_greedy(path: Path, prompt: list[int], max_new_tokens: int, **generate_kwargs: Any) -> list[int]:
+    """transformers' greedy generate() for one prompt (fp32), stopping at EOS as it does;
+    `generate_kwargs` adds its logits processors (repetition_penalty, sequence_bias, ...)."""
+    key = (path, tuple(prompt), max_new_tokens, repr(sorted(generate_kwargs.items())))
     if key not in _HF_CACHE:
-        if path not in _HF_MODELS:
-            _HF_MODELS[path] = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        model = _HF_MODELS[path]
+        model = hf_model(path)
         with torch.inference_mode():
             out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
                                  max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=model.config.pad_token_id or 0)
+                                 pad_token_id=model.config.pad_token_id or 0, **generate_kwargs)
         _HF_CACHE[key] = out[0, len(prompt):].tolist()
     return _HF_CACHE[key]
+
+
+def hf_log_softmax(path: Path, tokens: list[int]) -> torch.Tensor:
+    """log_softmax of transformers' logits at every position of `tokens` (row p predicts p + 1)."""
+    model = hf_model(path)
+    with torch.inference_mode():
+        logits = model(torch.tensor([tokens])).logits[0].float()
+    return torch.log_softmax(logits, dim=-1)
 
 
 def random_prompts(lengths: list[int], vocab_size: int, seed: int = 0, low: int = 10) -> list[list[int]]:

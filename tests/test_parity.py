@@ -39,16 +39,23 @@ def test_greedy_matches_transformers_with_chunked_prefill(name, backend, model_d
     assert stats["max_batch_seqs"] > 1
 
 
+@pytest.mark.parametrize("mode", ["recompute", "swap"])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name", PARITY_MODELS)
-def test_greedy_matches_transformers_under_forced_preemption(name, backend, model_dir, make_engine):
+def test_greedy_matches_transformers_under_forced_preemption(name, backend, mode, model_dir, make_engine):
     path = model_dir(name)
     prompts = random_prompts(LENGTHS, 1024, seed=12)
     # 34 blocks x 16 tokens: barely one max-length sequence, far less than the batch needs.
     llm = make_engine(path, "llm", num_kv_blocks=34, max_num_batched_tokens=128, max_num_seqs=16, max_model_len=512,
-                      attention_backend=backend)
+                      attention_backend=backend, preemption_mode=mode, swap_space=0.02)
     assert _generate(llm, prompts) == _expected(path, prompts)
-    assert llm.llm_engine.get_stats()["num_preemptions"] > 0
+    stats = llm.llm_engine.get_stats()
+    assert stats["num_preemptions"] > 0
+    if mode == "swap":  # every preemption swapped (the host pool is large enough), and came back
+        assert stats["num_swapped_out"] == stats["num_preemptions"] == stats["num_swapped_in"]
+        assert stats["num_free_host_blocks"] == llm.llm_engine.runner.num_host_blocks
+    else:
+        assert stats["num_swapped_out"] == 0
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -277,6 +277,15 @@ def test_pytriton_decoupled_client_with_typed_inputs(server, idle_after):
                                           ignore_eos=np.array([True])))
     assert sum(int(c["num_output_tokens"][0]) for c in chunks) == 7
     assert chunks[-1]["finish_reason"][0] == b"length"
+    with DecoupledModelClient(f"grpc://{server.grpc_url}", "llm") as client:
+        scored = list(client.infer_sample(text_input=np.array([b"Once upon a time"]), stream=np.array([True]),
+                                          exclude_input_in_output=np.array([True]),
+                                          return_cumulative_logprob=np.array([True]),
+                                          max_tokens=np.array([5], dtype=np.int32),
+                                          temperature=np.array([0.0], dtype=np.float32),
+                                          ignore_eos=np.array([True])))
+    cumulative = [float(c["cumulative_logprob"][0]) for c in scored]
+    assert all(b < a < 0 for a, b in zip(cumulative, cumulative[1:]))  # each token adds a negative logprob
 
 
 def test_engine_metrics_endpoint_in_prometheus_format(server, idle_after):

@@ -8,10 +8,11 @@ from __future__ import annotations
 import hashlib
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from pagedbackend.kv_cache_manager import KVCacheManager
+from pagedbackend.sampler import SamplerOutput
 from pagedbackend.sampling_params import SamplingParams
 from pagedbackend.scheduler import Scheduler, SchedulerOutput
 from pagedbackend.sequence import Sequence, SequenceStatus
@@ -31,14 +32,28 @@ def reference(prompt: list[int], max_tokens: int, sample_index: int = 0) -> list
     return tokens[len(prompt):]
 
 
+def sampled(*tokens: int) -> SamplerOutput:
+    return SamplerOutput(list(tokens), [None] * len(tokens), [None] * len(tokens))
+
+
 class FakeKVRunner:
     def __init__(self, block_size: int):
         self.block_size = block_size
         self.slots: dict[tuple[int, int], int] = {}
+        self.host_slots: dict[tuple[int, int], int | None] = {}
         self.copied_blocks = 0
 
-    def execute(self, out: SchedulerOutput) -> list[int]:
+    def execute(self, out: SchedulerOutput) -> SamplerOutput:
+        return sampled(*self.tokens(out))
+
+    def tokens(self, out: SchedulerOutput) -> list[int]:
         bs = self.block_size
+        for dev, host in out.blocks_to_swap_out:
+            for off in range(bs):
+                self.host_slots[(host, off)] = self.slots.get((dev, off))
+        for host, dev in out.blocks_to_swap_in:
+            for off in range(bs):
+                self.slots[(dev, off)] = self.host_slots.pop((host, off))
         for src, dst in out.blocks_to_copy:
             for off in range(bs):
                 if (src, off) in self.slots:
@@ -66,15 +81,16 @@ class FakeKVRunner:
 
 
 def make(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=32, max_model_len=128,
-         chunked=True, caching=True):
-    kv = KVCacheManager(num_blocks, block_size, caching)
-    sched = Scheduler(kv, max_num_seqs, max_num_batched_tokens, max_model_len, chunked)
+         chunked=True, caching=True, policy="fcfs", mode="recompute", host_blocks=0):
+    kv = KVCacheManager(num_blocks, block_size, caching, host_blocks)
+    sched = Scheduler(kv, max_num_seqs, max_num_batched_tokens, max_model_len, chunked, policy, mode)
     return sched, FakeKVRunner(block_size)
 
 
-def add(sched: Scheduler, rid: str, prompt: list[int], max_tokens: int, n: int = 1, arrival: float = 0.0):
+def add(sched: Scheduler, rid: str, prompt: list[int], max_tokens: int, n: int = 1, arrival: float = 0.0,
+        priority: int = 0):
     params = SamplingParams(max_tokens=max_tokens, n=n, temperature=1.0, _eos_token_ids=(1,))
-    seqs = [Sequence(rid, prompt, params, arrival, index=i) for i in range(n)]
+    seqs = [Sequence(rid, prompt, params, arrival, index=i, priority=priority) for i in range(n)]
     sched.add_request(seqs)
     return seqs
 
@@ -182,13 +198,13 @@ def test_eos_stops_only_after_min_tokens():
     seq = Sequence("a", [5, 6, 7], params, 0.0)
     sched.add_request([seq])
     out = sched.schedule()
-    sched.update_from_output(out, [1])  # EOS as the first token (only a buggy sampler does this)
+    sched.update_from_output(out, sampled(1))  # EOS as the first token (only a buggy sampler does this)
     assert not seq.is_finished
     for _ in range(2):
         out = sched.schedule()
-        sched.update_from_output(out, [9])
+        sched.update_from_output(out, sampled(9))
     out = sched.schedule()
-    sched.update_from_output(out, [1])
+    sched.update_from_output(out, sampled(1))
     assert seq.status == SequenceStatus.FINISHED_STOPPED and seq.num_output_tokens == 4
     sched.check_all_free()
 
@@ -215,12 +231,13 @@ requests_st = st.lists(
         st.integers(1, 12),  # max_tokens
         st.integers(1, 3),  # n
         st.integers(0, 2),  # which shared prefix
+        st.integers(0, 3),  # priority
     ),
     min_size=1, max_size=10,
 )
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     requests=requests_st,
     actions=st.lists(st.tuples(st.sampled_from(["step", "step", "step", "abort"]), st.integers(0, 9)), max_size=40),
@@ -230,25 +247,29 @@ requests_st = st.lists(
     max_num_seqs=st.integers(3, 8),
     chunked=st.booleans(),
     caching=st.booleans(),
+    policy=st.sampled_from(["fcfs", "priority"]),
+    host_blocks=st.sampled_from([0, 6, 64]),  # 0: preempt by recompute; else swap (6: often full)
 )
 def test_random_add_step_abort_keeps_outputs_exact_and_frees_every_block(
-        requests, actions, num_blocks, block_size, budget, max_num_seqs, chunked, caching):
+        requests, actions, num_blocks, block_size, budget, max_num_seqs, chunked, caching, policy, host_blocks):
     max_model_len = 56
     num_blocks = max(num_blocks, -(-max_model_len // block_size))
     if not chunked:
         budget = max(budget, max_model_len)
     budget = max(budget, max_num_seqs)
-    sched, runner = make(num_blocks, block_size, max_num_seqs, budget, max_model_len, chunked, caching)
+    mode = "swap" if host_blocks else "recompute"
+    sched, runner = make(num_blocks, block_size, max_num_seqs, budget, max_model_len, chunked, caching,
+                         policy, mode, host_blocks)
     prefixes = [list(range(2 + 100 * k, 2 + 100 * k + 40)) for k in range(3)]
     live: dict[str, tuple[list[Sequence], list[int], int]] = {}
     aborted: set[str] = set()
     pending = list(enumerate(requests))
     for action, which in actions:
         if pending:  # requests keep arriving while the engine runs
-            i, (plen, max_tokens, n, prefix) = pending.pop(0)
+            i, (plen, max_tokens, n, prefix, prio) = pending.pop(0)
             prompt = prefixes[prefix][:plen]
             n = min(n, max_num_seqs)
-            live[f"r{i}"] = (add(sched, f"r{i}", prompt, max_tokens, n, arrival=i), prompt, max_tokens)
+            live[f"r{i}"] = (add(sched, f"r{i}", prompt, max_tokens, n, arrival=i, priority=prio), prompt, max_tokens)
         if action == "abort" and live:
             rid = sorted(live)[which % len(live)]
             sched.finish_request(rid, SequenceStatus.FINISHED_ABORTED)
@@ -256,10 +277,12 @@ def test_random_add_step_abort_keeps_outputs_exact_and_frees_every_block(
         elif sched.has_unfinished():
             out = sched.schedule()
             sched.update_from_output(out, runner.execute(out))
-    for i, (plen, max_tokens, n, prefix) in pending:
+    for i, (plen, max_tokens, n, prefix, prio) in pending:
         prompt = prefixes[prefix][:plen]
-        live[f"r{i}"] = (add(sched, f"r{i}", prompt, max_tokens, min(n, max_num_seqs), arrival=i), prompt, max_tokens)
+        live[f"r{i}"] = (add(sched, f"r{i}", prompt, max_tokens, min(n, max_num_seqs), arrival=i, priority=prio),
+                         prompt, max_tokens)
     run(sched, runner)
+    event(f"preempted={sched.stats.num_preemptions > 0} swapped={sched.stats.num_swapped_out > 0}")
     for rid, (seqs, prompt, max_tokens) in live.items():
         if rid in aborted:
             continue
@@ -277,3 +300,89 @@ def test_request_id_reuse_is_rejected_while_in_flight():
         add(sched, "a", [3, 4], 2)
     sched.finish_request("a", SequenceStatus.FINISHED_ABORTED)
     sched.check_all_free()
+
+
+def test_swap_preemption_copies_blocks_out_and_back_and_resumes_with_the_same_tokens():
+    sched, runner = make(num_blocks=12, block_size=4, max_num_batched_tokens=64, max_model_len=48,
+                         mode="swap", host_blocks=40)
+    prompts = [list(range(k * 50, k * 50 + 9)) for k in range(4)]
+    seqs = [add(sched, f"r{k}", p, 20, arrival=k)[0] for k, p in enumerate(prompts)]
+    swapped_out = swapped_in = 0
+    for _ in range(2000):
+        if not sched.has_unfinished():
+            break
+        out = sched.schedule()
+        assert not (out.blocks_to_swap_out and out.blocks_to_swap_in)  # never in one step
+        swapped_out += len(out.blocks_to_swap_out)
+        swapped_in += len(out.blocks_to_swap_in)
+        sched.update_from_output(out, runner.execute(out))
+    assert swapped_out and swapped_in == swapped_out
+    assert sched.stats.num_swapped_out > 0 and sched.stats.num_swapped_out == sched.stats.num_swapped_in
+    for seq, prompt in zip(seqs, prompts):
+        assert seq.output_token_ids == reference(prompt, 20)
+    sched.check_all_free()
+
+
+def test_swap_falls_back_to_recompute_when_the_host_pool_is_full():
+    sched, runner = make(num_blocks=12, block_size=4, max_num_batched_tokens=64, max_model_len=48,
+                         mode="swap", host_blocks=2)  # smaller than any victim
+    prompts = [list(range(k * 50, k * 50 + 9)) for k in range(4)]
+    seqs = [add(sched, f"r{k}", p, 20, arrival=k)[0] for k, p in enumerate(prompts)]
+    run(sched, runner)
+    assert sched.stats.num_preemptions > 0 and sched.stats.num_swapped_out == 0
+    for seq, prompt in zip(seqs, prompts):
+        assert seq.output_token_ids == reference(prompt, 20)
+    sched.check_all_free()
+
+
+def test_priority_policy_preempts_the_lowest_priority_not_the_newest():
+    sched, runner = make(num_blocks=12, block_size=4, max_num_batched_tokens=64, max_model_len=48, policy="priority")
+    prompts = [list(range(k * 50, k * 50 + 9)) for k in range(4)]
+    priorities = [0, 5, 1, 0]  # r1 (arrived second) is the least important
+    seqs = [add(sched, f"r{k}", p, 20, arrival=k, priority=pr)[0] for k, (p, pr) in enumerate(zip(prompts, priorities))]
+    first_victims = []
+    for _ in range(2000):
+        if not sched.has_unfinished():
+            break
+        out = sched.schedule()
+        first_victims += [s.request_id for s in out.preempted]
+        sched.update_from_output(out, runner.execute(out))
+    assert first_victims and first_victims[0] == "r1"
+    for seq, prompt in zip(seqs, prompts):
+        assert seq.output_token_ids == reference(prompt, 20)
+    sched.check_all_free()
+
+
+def test_urgent_request_preempts_a_less_urgent_running_one_to_start_now():
+    sched, runner = make(num_blocks=10, block_size=4, max_num_seqs=2, max_num_batched_tokens=64, max_model_len=40,
+                         policy="priority")
+    (low,) = add(sched, "low", list(range(100, 120)), 15, arrival=0, priority=3)
+    (mid,) = add(sched, "mid", list(range(200, 210)), 15, arrival=1, priority=2)
+    for _ in range(3):
+        out = sched.schedule()
+        sched.update_from_output(out, runner.execute(out))
+    assert {s.request_id for s in sched.running} == {"low", "mid"}  # max_num_seqs reached
+    (urgent,) = add(sched, "urgent", list(range(300, 305)), 5, arrival=2, priority=0)
+    out = sched.schedule()
+    assert [s.request_id for s in out.preempted] == ["low"]
+    assert "urgent" in [i.seq.request_id for i in out.scheduled]
+    sched.update_from_output(out, runner.execute(out))
+    run(sched, runner)
+    for seq, prompt, n in ((low, list(range(100, 120)), 15), (mid, list(range(200, 210)), 15),
+                           (urgent, list(range(300, 305)), 5)):
+        assert seq.output_token_ids == reference(prompt, n)
+    sched.check_all_free()
+
+
+def test_priority_orders_admission_and_fcfs_ignores_it():
+    for policy, expected in (("priority", ["b", "c", "a"]), ("fcfs", ["a", "b", "c"])):
+        sched, runner = make(max_num_seqs=1, policy=policy)
+        for k, (rid, prio) in enumerate((("a", 2), ("b", 0), ("c", 1))):
+            add(sched, rid, [10 + k, 11, 12], 2, arrival=k, priority=prio)
+        order = []
+        for out in run(sched, runner):
+            for item in out.scheduled:
+                if item.seq.request_id not in order:
+                    order.append(item.seq.request_id)
+        assert order == expected
+        sched.check_all_free()

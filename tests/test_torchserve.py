@@ -222,6 +222,13 @@ def test_openai_client_library(cb_server):
         model="tiny", messages=[{"role": "user", "content": "hi"}], max_tokens=5, temperature=0, stream=True)
         if c.choices]
     assert len(deltas) >= 1
+    scored = client.completions.create(model="tiny", prompt="Once", max_tokens=3, temperature=0, logprobs=2)
+    assert len(scored.choices[0].logprobs.token_logprobs) == 3
+    chat_scored = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                 max_tokens=3, temperature=0, logprobs=True, top_logprobs=2,
+                                                 frequency_penalty=0.5, extra_body=extra)
+    content = chat_scored.choices[0].logprobs.content
+    assert len(content) == 3 and all(len(t.top_logprobs) == 2 for t in content)
     with pytest.raises(openai.BadRequestError) as err:
         client.completions.create(model="tiny", prompt="x", max_tokens=5, temperature=-3)
     assert "temperature" in str(err.value)

@@ -109,8 +109,8 @@ def test_async_failure_after_the_first_piece_is_reported_in_the_stream(loaded):
     h, ctx = loaded("asyncCommunication")
     real = h.engine.generate
 
-    async def failing(prompt, params, request_id):
-        async for out in real(prompt, params, request_id):
+    async def failing(prompt, params, request_id, priority=0):
+        async for out in real(prompt, params, request_id, priority=priority):
             yield out
             raise RuntimeError("device lost")
 

@@ -3,7 +3,7 @@ Triton's vLLM backend, so clients written for that backend work unchanged.
 
 Inputs: `text_input` (bytes); optional `stream` (bool), `sampling_parameters` (a JSON string of
 SamplingParams fields), `exclude_input_in_output` (bool), `return_finish_reason`,
-`return_num_input_tokens`, `return_num_output_tokens` (bool), and typed sampling inputs
+`return_cumulative_logprob`, `return_num_input_tokens`, `return_num_output_tokens` (bool), and typed sampling inputs
 (`max_tokens`, `min_tokens`, `temperature`, `top_p`, `top_k`, `min_p`, `seed`, `n`,
 `ignore_eos`) for clients that cannot send JSON or parameters. Sampling fields may also come
 as Triton request parameters (what the HTTP generate endpoints do with extra JSON fields).
@@ -11,7 +11,8 @@ as Triton request parameters (what the HTTP generate endpoints do with extra JSO
 Outputs: `text_output` (bytes, one per sample: the new text when streaming, else the whole
 text, with the prompt in front unless `exclude_input_in_output`), `token_ids` (int64, the
 samples' new ids concatenated), `num_output_tokens` (uint32 per sample, to split them),
-`finish_reason` and `num_input_tokens` (on the last response, or on every one when asked).
+`finish_reason` and `num_input_tokens` (on the last response, or on every one when asked),
+`cumulative_logprob` (float32 per sample, when asked).
 
 The infer function is an async generator: every concurrent request is a coroutine submitting
 to one shared `AsyncLLMEngine`, which batches them.
@@ -42,8 +43,8 @@ TYPED_SAMPLING_INPUTS = {
     "max_tokens": np.int32, "min_tokens": np.int32, "temperature": np.float32, "top_p": np.float32,
     "top_k": np.int32, "min_p": np.float32, "seed": np.int64, "n": np.int32, "ignore_eos": np.bool_,
 }
-FLAG_INPUTS = ("stream", "exclude_input_in_output", "return_finish_reason", "return_num_input_tokens",
-               "return_num_output_tokens")
+FLAG_INPUTS = ("stream", "exclude_input_in_output", "return_finish_reason", "return_cumulative_logprob",
+               "return_num_input_tokens", "return_num_output_tokens")
 _INT_FIELDS = {"n", "top_k", "max_tokens", "min_tokens", "seed"}
 _FLOAT_FIELDS = {"temperature", "top_p", "min_p"}
 _BOOL_FIELDS = {"ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens"}
@@ -78,6 +79,7 @@ def model_outputs() -> list[Tensor]:
             Tensor(name="token_ids", dtype=np.int64, shape=(-1,)),
             Tensor(name="num_output_tokens", dtype=np.uint32, shape=(-1,)),
             Tensor(name="finish_reason", dtype=np.bytes_, shape=(-1,)),
+            Tensor(name="cumulative_logprob", dtype=np.float32, shape=(-1,)),
             Tensor(name="num_input_tokens", dtype=np.uint32, shape=(1,))]
 
 
@@ -141,6 +143,8 @@ def parse_request(data: dict[str, np.ndarray], parameters: dict[str, Any] | None
             fields[name] = data[name].reshape(-1)[0].item()
     params = SamplingParams.from_dict({k: _coerce(k, v) for k, v in fields.items()})
     returns = {name[len("return_"):] for name in FLAG_INPUTS if name.startswith("return_") and flags.get(name)}
+    if "cumulative_logprob" in returns and params.logprobs is None:
+        params = params.clone(logprobs=0)  # the sampler then reports each chosen token's logprob
     return TritonRequest(prompt, params, stream, prepend, returns)
 
 
@@ -165,6 +169,8 @@ def make_response(out: RequestOutput, req: TritonRequest, first: bool) -> dict[s
     }
     if out.finished or "finish_reason" in req.returns:
         response["finish_reason"] = _bytes([str(c.finish_reason) for c in out.outputs])
+    if "cumulative_logprob" in req.returns:
+        response["cumulative_logprob"] = np.array([c.cumulative_logprob or 0.0 for c in out.outputs], dtype=np.float32)
     if out.finished or "num_input_tokens" in req.returns:
         response["num_input_tokens"] = np.array([len(out.prompt_token_ids)], dtype=np.uint32)
     return response

@@ -42,8 +42,12 @@ class MeteredEngine:
         self._engine = engine
         self._on_finished = on_finished
 
-    async def generate(self, prompt, params, request_id):
-        async for out in self._engine.generate(prompt, params, request_id):
+    @property
+    def tokenizer(self) -> Any:
+        return self._engine.tokenizer
+
+    async def generate(self, prompt, params, request_id, priority: int = 0):
+        async for out in self._engine.generate(prompt, params, request_id, priority=priority):
             if out.finished:
                 self._on_finished(out)
             yield out
@@ -54,13 +58,13 @@ async def _native(engine: Any, body: Any, request_id: str) -> tuple[str, AsyncIt
 
     async def stream() -> AsyncIterator[str]:
         fmt = NativeStream()
-        async for out in engine.generate(req.prompt, req.params, request_id):
+        async for out in engine.generate(req.prompt, req.params, request_id, priority=req.priority):
             for line in fmt.lines(out):
                 yield line
 
     async def whole() -> AsyncIterator[str]:
         final = None
-        async for out in engine.generate(req.prompt, req.params, request_id):
+        async for out in engine.generate(req.prompt, req.params, request_id, priority=req.priority):
             final = out
         yield json.dumps(native_response(final))
 
