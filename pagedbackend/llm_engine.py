@@ -229,6 +229,10 @@ class LLMEngine:
             "time_per_output_token_seconds": _histogram_dict(self.stats.tpot_histogram),
         }
 
+    def reset_prefix_cache(self) -> bool:
+        """Drop the prefix cache (vLLM's name); False, changing nothing, while requests run."""
+        return self.kv_cache_manager.reset_prefix_cache()
+
     def check_all_blocks_free(self) -> None:
         """AssertionError unless no request holds a block (tests call this after every run)."""
         self.scheduler.check_all_free()

@@ -175,6 +175,22 @@ def test_prefix_cache_hit_skips_the_shared_blocks():
     sched.check_all_free()
 
 
+def test_reset_prefix_cache_forgets_blocks_only_when_idle():
+    sched, runner = make(block_size=4)
+    shared = list(range(500, 520))
+    add(sched, "a", shared + [1], 2)
+    out = sched.schedule()
+    assert not sched.kv.reset_prefix_cache()  # "a" still holds its blocks
+    sched.update_from_output(out, runner.execute(out))
+    run(sched, runner)
+    assert sched.kv.reset_prefix_cache()
+    (b,) = add(sched, "b", shared + [7, 8], 2)
+    sched.schedule()
+    assert b.num_cached_tokens == 0
+    run(sched, runner)
+    sched.check_all_free()
+
+
 def test_n_samples_fork_from_one_prefill_and_differ():
     sched, runner = make(block_size=4)
     prompt = list(range(40, 50))  # 2 full blocks + a partial one: forks must copy it on write
