@@ -34,6 +34,47 @@ _MASKED = tl.constexpr(-1e30)  # finite, so rows with every key masked never com
 
 
 @triton.jit
+def _attend_kv_blocks(
+    q, pos_q, seq_len, seq, kv_head, lo, hi, k_cache_ptr, v_cache_ptr, block_tables_ptr, scale, sliding_window,
+    stride_kb, stride_kh, stride_kn, stride_bt, offs_d, d_ok,
+    BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
+    USE_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Online softmax of the rows of `q` (query positions `pos_q`) over KV blocks [lo, hi) of
+    one sequence and KV head: the unnormalized (max, sum, acc). A key is visible to a row when
+    it is at or before the row's position (and inside the sliding window)."""
+    m_i = tl.full([BLOCK_M], _MASKED, tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+    # One flat loop over BLOCK_N-row sub-tiles of the KV blocks: shared memory holds only
+    # (pipeline stages) x one K and one V sub-tile, whatever the block size.
+    for it in range(lo * (BLOCK_SIZE // BLOCK_N), hi * (BLOCK_SIZE // BLOCK_N)):
+        j = it // (BLOCK_SIZE // BLOCK_N)
+        block = tl.load(block_tables_ptr + seq * stride_bt + j).to(tl.int64)
+        offs_n = (it % (BLOCK_SIZE // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
+        kv = block * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
+        k = tl.load(k_cache_ptr + kv, mask=d_ok[None, :], other=0.0)
+        v = tl.load(v_cache_ptr + kv, mask=d_ok[None, :], other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        key_pos = j * BLOCK_SIZE + offs_n
+        visible = (key_pos[None, :] <= pos_q[:, None]) & (key_pos[None, :] < seq_len)
+        if USE_WINDOW:
+            visible = visible & (key_pos[None, :] > pos_q[:, None] - sliding_window)
+        s = tl.where(visible, s, _MASKED)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        # Zero, not exp(0), for masked keys: a row that sees no key in a split keeps l = 0.
+        p = tl.where(visible, tl.exp(s - m_new[:, None]), 0.0)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+    return m_i, l_i, acc
+
+
+@triton.jit
 def _unified_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
     prog_seq_ptr, prog_qoff_ptr, scale, sliding_window,
@@ -70,33 +111,10 @@ def _unified_attention_kernel(
     if USE_WINDOW:
         lo = tl.maximum(ctx_len + q_off - sliding_window + 1, 0) // BLOCK_SIZE
 
-    m_i = tl.full([BLOCK_M], _MASKED, tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    # One flat loop over BLOCK_N-row sub-tiles of the KV blocks: shared memory holds only
-    # (pipeline stages) x one K and one V sub-tile, whatever the block size.
-    for it in range(lo * (BLOCK_SIZE // BLOCK_N), hi * (BLOCK_SIZE // BLOCK_N)):
-        j = it // (BLOCK_SIZE // BLOCK_N)
-        block = tl.load(block_tables_ptr + seq * stride_bt + j).to(tl.int64)
-        offs_n = (it % (BLOCK_SIZE // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
-        kv = block * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
-        k = tl.load(k_cache_ptr + kv, mask=d_ok[None, :], other=0.0)
-        v = tl.load(v_cache_ptr + kv, mask=d_ok[None, :], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        key_pos = j * BLOCK_SIZE + offs_n
-        visible = (key_pos[None, :] <= pos_q[:, None]) & (key_pos[None, :] < seq_len)
-        if USE_WINDOW:
-            visible = visible & (key_pos[None, :] > pos_q[:, None] - sliding_window)
-        s = tl.where(visible, s, _MASKED)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    m_i, l_i, acc = _attend_kv_blocks(
+        q, pos_q, seq_len, seq, kv_head, lo, hi, k_cache_ptr, v_cache_ptr, block_tables_ptr, scale, sliding_window,
+        stride_kb, stride_kh, stride_kn, stride_bt, offs_d, d_ok,
+        BLOCK_M, D_PAD, BLOCK_SIZE, BLOCK_N, USE_WINDOW, UPCAST, PRECISION)
     out = acc / l_i[:, None]
     tl.store(out_ptr + token_row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -124,40 +142,17 @@ def _split_decode_kernel(
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     if UPCAST:
         q = q.to(tl.float32)
-    pos_q = seq_len - 1
+    pos_q = tl.full([BLOCK_M], 0, tl.int32) + (seq_len - 1)  # every row is the sequence's last token
 
     lo = split * BLOCKS_PER_SPLIT
     hi = tl.minimum(lo + BLOCKS_PER_SPLIT, tl.cdiv(seq_len, BLOCK_SIZE))
     if USE_WINDOW:
-        lo = tl.maximum(lo, tl.maximum(pos_q - sliding_window + 1, 0) // BLOCK_SIZE)
+        lo = tl.maximum(lo, tl.maximum(seq_len - sliding_window, 0) // BLOCK_SIZE)
 
-    m_i = tl.full([BLOCK_M], _MASKED, tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
-    # One flat loop over BLOCK_N-row sub-tiles of the KV blocks: shared memory holds only
-    # (pipeline stages) x one K and one V sub-tile, whatever the block size.
-    for it in range(lo * (BLOCK_SIZE // BLOCK_N), hi * (BLOCK_SIZE // BLOCK_N)):
-        j = it // (BLOCK_SIZE // BLOCK_N)
-        block = tl.load(block_tables_ptr + seq * stride_bt + j).to(tl.int64)
-        offs_n = (it % (BLOCK_SIZE // BLOCK_N)) * BLOCK_N + tl.arange(0, BLOCK_N)
-        kv = block * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :]
-        k = tl.load(k_cache_ptr + kv, mask=d_ok[None, :], other=0.0)
-        v = tl.load(v_cache_ptr + kv, mask=d_ok[None, :], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        key_pos = j * BLOCK_SIZE + offs_n
-        visible = (key_pos < seq_len)[None, :] & row_ok[:, None]
-        if USE_WINDOW:
-            visible = visible & (key_pos > pos_q - sliding_window)[None, :]
-        s = tl.where(visible, s, _MASKED)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.where(visible, tl.exp(s - m_new[:, None]), 0.0)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+    m_i, l_i, acc = _attend_kv_blocks(
+        q, pos_q, seq_len, seq, kv_head, lo, hi, k_cache_ptr, v_cache_ptr, block_tables_ptr, scale, sliding_window,
+        stride_kb, stride_kh, stride_kn, stride_bt, offs_d, d_ok,
+        BLOCK_M, D_PAD, BLOCK_SIZE, BLOCK_N, USE_WINDOW, UPCAST, PRECISION)
     # partials: [splits, seqs, heads, (D_PAD)]
     row = (split * num_seqs + seq).to(tl.int64) * NUM_HEADS + head
     tl.store(part_m_ptr + row, m_i, mask=row_ok)
