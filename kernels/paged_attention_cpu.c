@@ -43,6 +43,25 @@ static inline float exp_nonpositive(float x) {
     return p * scale_bits.f;
 }
 
+/* Block b of a sequence in one cache, for one KV head: its tile (block_size x head_dim), the
+ * next block's tile to prefetch, and the rows [lo, hi) of it that hold positions in [first, len). */
+typedef struct {
+    const float *tile, *next;
+    int64_t lo, hi;
+} block_span;
+
+static inline block_span span_of_block(const float *cache, const int32_t *table, int64_t b, int64_t first,
+                                       int64_t len, int64_t block_size, int64_t num_kv_heads, int64_t kvh,
+                                       int64_t head_dim) {
+    block_span sp;
+    sp.tile = cache + ((int64_t)table[b] * num_kv_heads + kvh) * block_size * head_dim;
+    sp.next = (b + 1) * block_size < len
+        ? cache + ((int64_t)table[b + 1] * num_kv_heads + kvh) * block_size * head_dim : sp.tile;
+    sp.lo = b * block_size < first ? first - b * block_size : 0;
+    sp.hi = (b + 1) * block_size > len ? len - b * block_size : block_size;
+    return sp;
+}
+
 /* out: [num_seqs, num_heads, head_dim] contiguous; q: same shape, rows q_stride_seq and heads
  * q_stride_head floats apart (head_dim contiguous); caches: [num_blocks, num_kv_heads, block_size,
  * head_dim] contiguous; block_tables: [num_seqs, bt_stride] int32; seq_lens: [num_seqs] int32.
@@ -76,14 +95,11 @@ int paged_decode_attention_f32(float *out, const float *q, int64_t q_stride_seq,
                 /* q . k for every visible position, block by block: a block's rows for this
                  * head are one contiguous block_size x head_dim tile. */
                 for (int64_t b = first / block_size; b * block_size < len; b++) {
-                    const float *tile = k_cache + ((int64_t)table[b] * num_kv_heads + kvh) * block_size * head_dim;
-                    const float *next = (b + 1) * block_size < len
-                        ? k_cache + ((int64_t)table[b + 1] * num_kv_heads + kvh) * block_size * head_dim : tile;
-                    const int64_t lo = b * block_size < first ? first - b * block_size : 0;
-                    const int64_t hi = (b + 1) * block_size > len ? len - b * block_size : block_size;
-                    for (int64_t t = lo; t < hi; t++) {
-                        prefetch_row(next + t * head_dim, head_dim);
-                        const float *krow = tile + t * head_dim;
+                    const block_span sp = span_of_block(k_cache, table, b, first, len, block_size, num_kv_heads, kvh,
+                                                        head_dim);
+                    for (int64_t t = sp.lo; t < sp.hi; t++) {
+                        prefetch_row(sp.next + t * head_dim, head_dim);
+                        const float *krow = sp.tile + t * head_dim;
                         float *srow = scores + (b * block_size + t - first);
                         for (int64_t g = 0; g < group; g++) {
                             const float *qg = qs + g * q_stride_head;
@@ -114,14 +130,11 @@ int paged_decode_attention_f32(float *out, const float *q, int64_t q_stride_seq,
                 float *acc = head_dim <= 256 ? acc_out : os;
                 for (int64_t i = 0; i < group * head_dim; i++) acc[i] = 0.f;
                 for (int64_t b = first / block_size; b * block_size < len; b++) {
-                    const float *tile = v_cache + ((int64_t)table[b] * num_kv_heads + kvh) * block_size * head_dim;
-                    const float *next = (b + 1) * block_size < len
-                        ? v_cache + ((int64_t)table[b + 1] * num_kv_heads + kvh) * block_size * head_dim : tile;
-                    const int64_t lo = b * block_size < first ? first - b * block_size : 0;
-                    const int64_t hi = (b + 1) * block_size > len ? len - b * block_size : block_size;
-                    for (int64_t t = lo; t < hi; t++) {
-                        prefetch_row(next + t * head_dim, head_dim);
-                        const float *vrow = tile + t * head_dim;
+                    const block_span sp = span_of_block(v_cache, table, b, first, len, block_size, num_kv_heads, kvh,
+                                                        head_dim);
+                    for (int64_t t = sp.lo; t < sp.hi; t++) {
+                        prefetch_row(sp.next + t * head_dim, head_dim);
+                        const float *vrow = sp.tile + t * head_dim;
                         const int64_t i = b * block_size + t - first;
                         for (int64_t g = 0; g < group; g++) {
                             const float p = scores[g * n + i];
