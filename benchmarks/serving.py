@@ -261,7 +261,7 @@ class PagedPyTriton:
     label = "pagedbackend via PyTriton"
 
     def __init__(self, model: Path, workdir: Path, args) -> None:
-        from pagedbackend.adapters.torchserve.launcher import free_port
+        from pagedbackend.adapters.ports import free_port
 
         self.model, self.args = model, args
         self.ports = [free_port() for _ in range(4)]

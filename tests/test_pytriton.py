@@ -3,6 +3,7 @@ with strict output checking, always stopped."""
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import queue
@@ -17,6 +18,7 @@ import tritonclient.grpc as grpcclient  # noqa: E402
 
 from pagedbackend import EngineArgs, SamplingParams  # noqa: E402
 from pagedbackend.adapters.pytriton import PyTritonServer  # noqa: E402
+from http_client import post, start_serve_command, stream  # noqa: E402
 
 PROMPTS = [" ".join(["word"] * k) + f" number {k}" for k in range(1, 17)]
 MAX_TOKENS = [6 + 3 * k for k in range(16)]
@@ -105,24 +107,15 @@ def grpc_stream_many(url: str, requests: list[tuple[str, dict]], timeout: float 
 
 
 def sse_stream(url: str, body: dict, stop_after: int | None = None, timeout: float = 120) -> list[dict]:
-    host, port = url.split("//")[1].split(":")
-    conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
+    """The events of a generate_stream call; with `stop_after`, the client goes away after that many."""
     events = []
-    try:
-        conn.request("POST", "/v2/models/llm/generate_stream", body=json.dumps(body),
-                     headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        assert resp.status == 200, resp.read()
-        while True:
-            line = resp.readline()
-            if not line:
-                break
-            if line.startswith(b"data: "):
-                events.append(json.loads(line[6:]))
+    port = int(url.rsplit(":", 1)[1])
+    with contextlib.closing(stream(port, "/v2/models/llm/generate_stream", body, timeout=timeout)) as lines:
+        for line in lines:
+            if line.startswith("data: "):
+                events.append(json.loads(line[len("data: "):]))
                 if stop_after is not None and len(events) >= stop_after:
                     break
-    finally:
-        conn.close()  # with stop_after: the client goes away mid-stream
     return events
 
 
@@ -244,15 +237,9 @@ def test_invalid_sampling_parameters_get_a_clean_error_while_others_finish(serve
 
 
 def test_http_generate_returns_one_answer_with_the_prompt_unless_excluded(server, make_engine, model_dir, idle_after):
-    host, port = server.http_url.split("//")[1].split(":")
-
     def generate(body):
-        conn = http.client.HTTPConnection(host, int(port), timeout=60)
-        conn.request("POST", "/v2/models/llm/generate", body=json.dumps(body), headers={"Content-Type": "application/json"})
-        resp = conn.getresponse()
-        data = json.loads(resp.read())
-        conn.close()
-        return resp.status, data
+        status, _, text = post(server.http_port, "/v2/models/llm/generate", body, timeout=60)
+        return status, json.loads(text)
 
     expected_text = offline(make_engine, model_dir, [PROMPTS[2]],
                             [SamplingParams(max_tokens=9, temperature=0, ignore_eos=True)])[0][0]
@@ -307,24 +294,16 @@ def test_serve_command_starts_answers_and_stops_cleanly_on_sigterm(model_dir):
     import re
     import signal
     import subprocess
-    import sys
     from pathlib import Path
 
-    from pagedbackend.adapters.pytriton.server import free_port
+    from pagedbackend.adapters.ports import free_port
 
     ports = [free_port() for _ in range(4)]
-    proc = subprocess.Popen([sys.executable, "-m", "pagedbackend.cli", "serve", "pytriton", "--model",
-                             str(model_dir("llama")), "--name", "llm", "--http-port", str(ports[0]),
-                             "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
-                             "--engine-metrics-port", str(ports[3])],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    proc, text = start_serve_command("pytriton", "--model", str(model_dir("llama")), "--name", "llm",
+                                     "--http-port", str(ports[0]), "--grpc-port", str(ports[1]),
+                                     "--metrics-port", str(ports[2]), "--engine-metrics-port", str(ports[3]),
+                                     stderr=subprocess.DEVNULL)  # Triton's log: nobody reads it after the banner
     try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if "Ctrl-C to stop" in line:
-                break
-        text = "".join(lines)
         assert f"127.0.0.1:{ports[0]}/v2/models/llm/generate_stream" in text, text
         workspace = Path(re.search(r"workspace\s+(\S+)", text).group(1))
         assert workspace.is_dir()

@@ -11,7 +11,7 @@ import pytest
 
 from pagedbackend import SamplingParams
 from pagedbackend.adapters.torchserve.launcher import TorchServe, build_archive, load_model_config
-from torchserve_client import metrics, ndjson_text, post, sse_events, stream, wait_for_metrics
+from http_client import metrics, ndjson_text, post, sse_events, start_serve_command, stream, wait_for_metrics
 
 PROMPTS = [" ".join(["word"] * k) + f" number {k}" for k in range(1, 17)]
 MAX_TOKENS = [6 + 3 * k for k in range(16)]
@@ -276,24 +276,14 @@ def test_async_mode_streams_with_token_authorization(async_server, make_engine, 
 
 def test_serve_command_archives_starts_answers_and_stops_on_ctrl_c(model_dir, tmp_path):
     import signal
-    import subprocess
-    import sys
 
-    from pagedbackend.adapters.torchserve.launcher import free_port
+    from pagedbackend.adapters.ports import free_port
 
     ports = [free_port() for _ in range(3)]
-    proc = subprocess.Popen([sys.executable, "-m", "pagedbackend.cli", "serve", "torchserve", "--model",
-                             str(model_dir("llama")), "--name", "tiny", "--workdir", str(tmp_path / "ts"),
-                             "--port", str(ports[0]), "--management-port", str(ports[1]),
-                             "--metrics-port", str(ports[2])],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc, text = start_serve_command("torchserve", "--model", str(model_dir("llama")), "--name", "tiny",
+                                     "--workdir", str(tmp_path / "ts"), "--port", str(ports[0]),
+                                     "--management-port", str(ports[1]), "--metrics-port", str(ports[2]))
     try:
-        lines = []
-        for line in proc.stdout:
-            lines.append(line)
-            if "Ctrl-C to stop" in line:
-                break
-        text = "".join(lines)
         assert "is ready" in text and f"127.0.0.1:{ports[0]}/predictions/tiny" in text, text
         assert f"keys in {tmp_path / 'ts' / 'key_file.json'}" in text  # token authorization stays on
         key = json.loads((tmp_path / "ts" / "key_file.json").read_text())["inference"]["key"]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import sysconfig
 import tempfile
 import threading
@@ -21,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pagedbackend import AsyncLLMEngine, EngineArgs
+from pagedbackend.adapters.ports import free_port
 from pagedbackend.prometheus import render
 
 
@@ -36,12 +36,6 @@ def prefer_running_libpython() -> None:
     paths = [p for p in os.environ.get("LD_LIBRARY_PATH", "").split(os.pathsep) if p]
     if not paths or paths[0] != libdir:
         os.environ["LD_LIBRARY_PATH"] = os.pathsep.join([libdir, *[p for p in paths if p != libdir]])
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 class MetricsServer:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from pagedbackend.adapters.ports import free_port
 from pagedbackend.adapters.torchserve.config import validate_model_config
 
 HERE = Path(__file__).resolve().parent
@@ -112,12 +112,6 @@ def build_archive(model: str | os.PathLike, name: str, export_path: str | os.Pat
         if done.returncode != 0:
             raise RuntimeError(f"torch-model-archiver failed:\n{done.stderr or done.stdout}")
     return export / name if no_archive else export / f"{name}.mar"
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 @dataclass

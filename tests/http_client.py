@@ -1,10 +1,13 @@
-"""Plain-HTTP helpers for talking to a real TorchServe in tests (standard library only)."""
+"""Plain-HTTP helpers for tests against real servers (TorchServe, Triton), standard library only,
+and a way to start the `pagedbackend serve` command and wait for its ready banner."""
 
 from __future__ import annotations
 
 import http.client
 import json
 import re
+import subprocess
+import sys
 import time
 import urllib.request
 from typing import Any
@@ -70,3 +73,16 @@ def wait_for_metrics(metrics_url: str, predicate, timeout: float = 30) -> dict[s
             return last
         time.sleep(0.3)
     raise AssertionError(f"metrics never satisfied the condition; last: {last}")
+
+
+def start_serve_command(*args: str, stderr: int = subprocess.STDOUT) -> tuple[subprocess.Popen, str]:
+    """`pagedbackend serve ARGS` in a subprocess, and its output up to the "Ctrl-C to stop" line
+    that says the server is ready (or up to its exit, when it fails)."""
+    proc = subprocess.Popen([sys.executable, "-m", "pagedbackend.cli", "serve", *args],
+                            stdout=subprocess.PIPE, stderr=stderr, text=True)
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if "Ctrl-C to stop" in line:
+            break
+    return proc, "".join(lines)
