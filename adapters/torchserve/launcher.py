@@ -32,45 +32,31 @@ HANDLER_FILE = HERE / "handler.py"
 CONFIG_TEMPLATE = HERE / "model-config.yaml"
 
 # Quiet logging: TorchServe's default log4j2 config prints every line twice, all to stdout.
-_LOG4J2 = """<?xml version="1.0" encoding="UTF-8"?>
-<Configuration status="WARN">
-  <Appenders>
-    <RollingFile name="ts_log" fileName="${env:LOG_LOCATION:-logs}/ts_log.log"
-                 filePattern="${env:LOG_LOCATION:-logs}/ts_log.%d{dd-MMM}.log.gz">
-      <PatternLayout pattern="%d{ISO8601} [%-5p] %t %c - %m%n"/>
+# Here each of its loggers writes one rolling file in $LOG_LOCATION / $METRICS_LOCATION.
+_LOG_FILES = (  # (appender and file name, directory variable, line pattern)
+    ("ts_log", "LOG_LOCATION", "%d{ISO8601} [%-5p] %t %c - %m%n"),
+    ("model_log", "LOG_LOCATION", "%d{ISO8601} [%-5p] %c - %m%n"),
+    ("access_log", "LOG_LOCATION", "%d{ISO8601} - %m%n"),
+    ("ts_metrics", "METRICS_LOCATION", "%d{ISO8601} - %m%n"),
+    ("model_metrics", "METRICS_LOCATION", "%d{ISO8601} - %m%n"),
+)
+_LOGGERS = (("ACCESS_LOG", "access_log"), ("TS_METRICS", "ts_metrics"), ("MODEL_METRICS", "model_metrics"),
+            ("MODEL_LOG", "model_log"), ("org.pytorch.serve", "ts_log"))
+
+
+def _log4j2_config() -> str:
+    appenders = "".join(
+        f"""    <RollingFile name="{name}" fileName="${{env:{env}:-logs}}/{name}.log"
+                 filePattern="${{env:{env}:-logs}}/{name}.%d{{dd-MMM}}.log.gz">
+      <PatternLayout pattern="{pattern}"/>
       <Policies><SizeBasedTriggeringPolicy size="100 MB"/></Policies>
     </RollingFile>
-    <RollingFile name="model_log" fileName="${env:LOG_LOCATION:-logs}/model_log.log"
-                 filePattern="${env:LOG_LOCATION:-logs}/model_log.%d{dd-MMM}.log.gz">
-      <PatternLayout pattern="%d{ISO8601} [%-5p] %c - %m%n"/>
-      <Policies><SizeBasedTriggeringPolicy size="100 MB"/></Policies>
-    </RollingFile>
-    <RollingFile name="access_log" fileName="${env:LOG_LOCATION:-logs}/access_log.log"
-                 filePattern="${env:LOG_LOCATION:-logs}/access_log.%d{dd-MMM}.log.gz">
-      <PatternLayout pattern="%d{ISO8601} - %m%n"/>
-      <Policies><SizeBasedTriggeringPolicy size="100 MB"/></Policies>
-    </RollingFile>
-    <RollingFile name="ts_metrics" fileName="${env:METRICS_LOCATION:-logs}/ts_metrics.log"
-                 filePattern="${env:METRICS_LOCATION:-logs}/ts_metrics.%d{dd-MMM}.log.gz">
-      <PatternLayout pattern="%d{ISO8601} - %m%n"/>
-      <Policies><SizeBasedTriggeringPolicy size="100 MB"/></Policies>
-    </RollingFile>
-    <RollingFile name="model_metrics" fileName="${env:METRICS_LOCATION:-logs}/model_metrics.log"
-                 filePattern="${env:METRICS_LOCATION:-logs}/model_metrics.%d{dd-MMM}.log.gz">
-      <PatternLayout pattern="%d{ISO8601} - %m%n"/>
-      <Policies><SizeBasedTriggeringPolicy size="100 MB"/></Policies>
-    </RollingFile>
-  </Appenders>
-  <Loggers>
-    <Logger name="ACCESS_LOG" level="info" additivity="false"><AppenderRef ref="access_log"/></Logger>
-    <Logger name="TS_METRICS" level="info" additivity="false"><AppenderRef ref="ts_metrics"/></Logger>
-    <Logger name="MODEL_METRICS" level="info" additivity="false"><AppenderRef ref="model_metrics"/></Logger>
-    <Logger name="MODEL_LOG" level="info" additivity="false"><AppenderRef ref="model_log"/></Logger>
-    <Logger name="org.pytorch.serve" level="info" additivity="false"><AppenderRef ref="ts_log"/></Logger>
-    <Root level="warn"><AppenderRef ref="ts_log"/></Root>
-  </Loggers>
-</Configuration>
-"""
+""" for name, env, pattern in _LOG_FILES)
+    loggers = "".join(f'    <Logger name="{logger}" level="info" additivity="false"><AppenderRef ref="{ref}"/></Logger>\n'
+                      for logger, ref in _LOGGERS)
+    return ('<?xml version="1.0" encoding="UTF-8"?>\n<Configuration status="WARN">\n  <Appenders>\n'
+            f"{appenders}  </Appenders>\n  <Loggers>\n{loggers}"
+            '    <Root level="warn"><AppenderRef ref="ts_log"/></Root>\n  </Loggers>\n</Configuration>\n')
 
 
 def load_model_config(path: str | os.PathLike | None = None) -> dict[str, Any]:
@@ -192,7 +178,7 @@ class TorchServe:
         (self.workdir / "tmp").mkdir(parents=True, exist_ok=True)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_config = self.workdir / "log4j2.xml"
-        log_config.write_text(_LOG4J2)
+        log_config.write_text(_log4j2_config())
         cmd = [str(Path(sys.executable).with_name("torchserve")), "--start", "--ncs", "--foreground",
                "--model-store", str(self.model_store), "--ts-config", str(self._write_config()),
                "--log-config", str(log_config)]
