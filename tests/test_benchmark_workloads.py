@@ -1,5 +1,6 @@
-"""The benchmarks' shared pieces: request sets shaped like the datasets they claim, and the KV
-waste simulation (the real scheduler and KV cache manager, no model)."""
+"""The benchmarks' shared pieces: request sets shaped like the datasets they claim, the KV waste
+simulation (the real scheduler and KV cache manager, no model), and the serving load generator's
+metrics and accounting (against a fake server)."""
 
 from __future__ import annotations
 
@@ -61,3 +62,34 @@ def test_a_paged_cache_fits_more_requests_in_a_budget_than_reserving_max_length(
     paged = simulate_paged(requests, 16, budget // 16, prefix_caching=False)
     reserved = simulate_contiguous(requests, budget, "max_len")
     assert paged["mean_running_requests"] > 2 * reserved["mean_running_requests"]
+
+
+def test_serving_metrics_follow_vllm_benchmark_serving_definitions():
+    from serving import Result, metrics
+
+    # Sent at 0; tokens at 0.5 (first), 0.7, 1.0: TTFT 0.5, ITLs 0.2 and 0.3, TPOT (1.0 - 0.5) / 2.
+    a = Result(sent=0.0, ttft=0.5, latency=1.0, itl=[0.2, 0.3], output_tokens=3)
+    b = Result(sent=0.0, ttft=0.1, latency=0.1, output_tokens=1)  # one token: no TPOT
+    m = metrics([a, b], duration=2.0, sent=3, errors=["boom"])
+    assert (m["completed"], m["failed"], m["request_throughput"], m["output_tok_s"]) == (2, 1, 1.0, 2.0)
+    assert m["ttft_mean_ms"] == pytest.approx(300) and m["tpot_mean_ms"] == pytest.approx(250)
+    assert m["itl_median_ms"] == pytest.approx(250) and m["itl_p99_ms"] == pytest.approx(299)  # interpolated, as np.percentile
+
+
+def test_load_generator_sends_every_request_and_counts_failures():
+    import time
+
+    from serving import run_load
+
+    def send(prompt, max_tokens, result):
+        if prompt == "bad":
+            raise RuntimeError("HTTP 400")
+        time.sleep(0.01)
+        result.ttft, result.latency, result.output_tokens = 0.005, 0.01, max_tokens
+
+    prompts = [("p", 2)] * 9 + [("bad", 2)]
+    burst = run_load(send, prompts, float("inf"), max_seconds=60)
+    assert (burst["sent"], burst["completed"], burst["failed"]) == (10, 9, 1) and "HTTP 400" in burst["errors"][0]
+    start = time.perf_counter()
+    paced = run_load(send, prompts, 100.0, max_seconds=60)  # Poisson arrivals, mean gap 10 ms
+    assert paced["completed"] == 9 and time.perf_counter() - start > 0.03
