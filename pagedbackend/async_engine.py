@@ -1,6 +1,9 @@
 """`AsyncLLMEngine`: the engine loop on one background thread, shared by every client.
 
-Requests are submitted from any thread or event loop; each gets a `RequestStream` of
+Requests are validated and tokenized on the submitting thread (`LLMEngine.process_request`):
+a bad or huge request fails there, synchronously, for its sender only, and the engine thread
+never spends time on it. As the engine behind servers it refuses a `max_tokens` the context
+cannot hold (vLLM's server message), where the offline `LLM` stops at max_model_len. Requests are submitted from any thread or event loop; each gets a `RequestStream` of
 `RequestOutput`s that can be consumed with `async for` (outputs are handed to the consumer's
 own loop with `call_soon_threadsafe`) or with a plain `for` from a thread. A consumer that
 stops iterating early aborts its request, freeing its KV blocks. A step that raises fails the
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterator
 
 from pagedbackend.config import EngineArgs
-from pagedbackend.llm_engine import LLMEngine, PromptType
+from pagedbackend.llm_engine import LLMEngine, PreparedRequest, PromptType
 from pagedbackend.outputs import RequestOutput
 from pagedbackend.sampling_params import SamplingParams
 
@@ -100,9 +103,7 @@ class RequestStream:
 @dataclass
 class _Add:
     stream: RequestStream
-    prompt: PromptType
-    params: SamplingParams | None
-    priority: int
+    request: PreparedRequest
 
 
 @dataclass
@@ -137,14 +138,28 @@ class AsyncLLMEngine:
     # ------------------------------------------------------------- submission
     def submit(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
                request_id: str | None = None, priority: int = 0) -> RequestStream:
-        """Thread-friendly: queue a request and return its stream, to iterate with `for`."""
+        """Thread-friendly: queue a request and return its stream, to iterate with `for`.
+        Raises `InvalidRequest` (a ValueError naming the field) right here for a bad request."""
         return self._submit(prompt, sampling_params, request_id, priority, loop=None)
+
+    def add_request(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
+                    request_id: str | None = None, priority: int = 0,
+                    loop: asyncio.AbstractEventLoop | None = None) -> RequestStream:
+        """Validate and queue a request now (raising `InvalidRequest` at once if it is bad)
+        and return its stream, to consume with `async for` on `loop` (default: the running
+        loop; give it to submit from another thread for a loop that will consume)."""
+        return self._submit(prompt, sampling_params, request_id, priority, loop=loop or asyncio.get_running_loop())
 
     async def generate(self, prompt: PromptType, sampling_params: SamplingParams | None = None,
                        request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yield `RequestOutput`s as tokens arrive (cumulative, with deltas). Leaving the loop
         early (break, cancellation, client gone) aborts the request."""
-        stream = self._submit(prompt, sampling_params, request_id, priority, loop=asyncio.get_running_loop())
+        async for out in self.stream(self.add_request(prompt, sampling_params, request_id, priority)):
+            yield out
+
+    @staticmethod
+    async def stream(stream: RequestStream) -> AsyncIterator[RequestOutput]:
+        """Iterate a stream from `add_request`; leaving early aborts the request."""
         try:
             async for out in stream:
                 yield out
@@ -152,15 +167,21 @@ class AsyncLLMEngine:
             stream.abort()
 
     def _submit(self, prompt, params, request_id, priority, loop) -> RequestStream:
-        request_id = request_id if request_id is not None else uuid.uuid4().hex
-        stream = RequestStream(str(request_id), self, loop)
+        request_id = str(request_id) if request_id is not None else uuid.uuid4().hex
+        if self._stopping or self._dead is not None:
+            raise EngineDeadError("the engine is not running") from self._dead
+        with self._cv:
+            if request_id in self._streams:
+                raise ValueError(f"request_id {request_id!r} is already in use")
+        prepared = self.engine.process_request(request_id, prompt, params, priority=priority, max_tokens_fit=True)
+        stream = RequestStream(request_id, self, loop)
         with self._cv:
             if self._stopping or self._dead is not None:
                 raise EngineDeadError("the engine is not running") from self._dead
             if stream.request_id in self._streams:
                 raise ValueError(f"request_id {stream.request_id!r} is already in use")
             self._streams[stream.request_id] = stream
-            self._commands.append(_Add(stream, prompt, params, priority))
+            self._commands.append(_Add(stream, prepared))
             self._cv.notify()
         return stream
 
@@ -209,7 +230,7 @@ class AsyncLLMEngine:
     def _apply(self, cmd: _Add | _Abort) -> list[RequestOutput]:
         if isinstance(cmd, _Add):
             try:
-                self.engine.add_request(cmd.stream.request_id, cmd.prompt, cmd.params, priority=cmd.priority)
+                self.engine.add_prepared(cmd.request)
             except Exception as e:
                 self._drop(cmd.stream.request_id)
                 cmd.stream._put(e if isinstance(e, ValueError) else RequestFailedError(str(e)))

@@ -171,6 +171,9 @@ class EngineArgs:
     preemption_mode: str = "recompute"
     swap_space: float = 4.0  # GiB of host memory for swapped-out KV blocks (preemption_mode="swap")
     max_logprobs: int = 20
+    # Text prompts longer than this are refused before tokenizing (a 413); default: the most
+    # characters max_model_len tokens could ever cover, so only prompts that cannot fit.
+    max_prompt_chars: int | None = None
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -239,6 +242,7 @@ class EngineArgs:
         if self.preemption_mode == "swap" and self.swap_space == 0:
             raise ValueError("swap_space must be positive when preemption_mode is 'swap'")
         want_int("max_logprobs", 0)
+        want_int("max_prompt_chars", 1, optional=True)
 
     def create_engine_config(self) -> "EngineConfig":
         self._check_fields()
@@ -318,6 +322,7 @@ class EngineArgs:
             preemption_mode=self.preemption_mode,
             swap_space=float(self.swap_space),
             max_logprobs=self.max_logprobs,
+            max_prompt_chars=self.max_prompt_chars,
         )
 
 
@@ -359,3 +364,4 @@ class EngineConfig:
     preemption_mode: str = "recompute"
     swap_space: float = 4.0
     max_logprobs: int = 20
+    max_prompt_chars: int | None = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import itertools
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
 from pagedbackend.beam_search import BeamSearchGroup, BeamSearchParams
@@ -20,12 +21,27 @@ from pagedbackend.outputs import RequestMetrics, RequestOutput
 from pagedbackend.sampling_params import SamplingParams
 from pagedbackend.scheduler import Scheduler
 from pagedbackend.sequence import Sequence, SequenceStatus
-from pagedbackend.tokenizer import load_tokenizer
+from pagedbackend.tokenizer import load_tokenizer, max_token_chars
 
 logger = logging.getLogger(__name__)
 
 # A prompt is text, or vLLM's dict forms {"prompt": text} / {"prompt_token_ids": [...]}.
 PromptType = Union[str, Mapping[str, Any]]
+
+
+@dataclass
+class PreparedRequest:
+    """A request that passed every check and is tokenized: what the engine loop still has to
+    do with it is only bookkeeping. Built by `LLMEngine.process_request`, on the caller's
+    thread when the engine runs on its own (so a slow or bad prompt costs its sender only)."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+    priority: int
+    bad_words_ids: list[list[int]]
 
 
 class LLMEngine:
@@ -43,6 +59,9 @@ class LLMEngine:
         self.stats = EngineStats()
         self._request_ids = itertools.count()
         self._eos_ids = self._eos_token_ids()
+        # A prompt longer than this many characters cannot fit max_model_len tokens (no token
+        # covers more than max_token_chars characters); twice that leaves room for normalisers.
+        self.max_prompt_chars = config.max_prompt_chars or 2 * max_token_chars(self.tokenizer) * config.max_model_len
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, progress: bool = True) -> "LLMEngine":
@@ -61,29 +80,42 @@ class LLMEngine:
 
     def tokenize_prompt(self, prompt: PromptType, truncate: int | None = None) -> tuple[str | None, list[int]]:
         """Validate a prompt and return (text, token ids), keeping only the last `truncate`
-        tokens if given (vLLM's truncate_prompt_tokens); errors name the field."""
+        tokens if given (vLLM's truncate_prompt_tokens); errors name the field. Sizes are
+        checked before any per-character or per-token work."""
         if isinstance(prompt, str):
             text, ids = prompt, None
         elif isinstance(prompt, Mapping):
             unknown = set(prompt) - {"prompt", "prompt_token_ids"}
             if unknown:
-                raise InvalidRequest("prompt", f"prompt: unknown key(s) {', '.join(sorted(unknown))}; use 'prompt' or 'prompt_token_ids'")
+                raise InvalidRequest("prompt", f"prompt: unknown key(s) {', '.join(sorted(map(str, unknown)))}; "
+                                               "use 'prompt' or 'prompt_token_ids'")
             text, ids = prompt.get("prompt"), prompt.get("prompt_token_ids")
             if text is not None and not isinstance(text, str):
                 raise InvalidRequest("prompt", f"prompt must be a string, got {type(text).__name__}")
         else:
             raise InvalidRequest("prompt", f"prompt must be a string or a dict with 'prompt' or 'prompt_token_ids', got {type(prompt).__name__}")
+        max_len = self.config.max_model_len
         if ids is None:
             if text is None or text == "":
                 raise InvalidRequest("prompt", "prompt must not be empty")
+            if len(text) > self.max_prompt_chars:
+                raise InvalidRequest("prompt", f"prompt is {len(text)} characters, more than max_prompt_chars="
+                                               f"{self.max_prompt_chars} (max_model_len is {max_len} tokens)")
             ids = self.tokenizer.encode(text)
             if not ids:
                 raise InvalidRequest("prompt", "prompt: the text encodes to zero tokens")
         else:
-            if not isinstance(ids, (list, tuple)) or not all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            if not isinstance(ids, (list, tuple)):
                 raise InvalidRequest("prompt_token_ids", "prompt_token_ids must be a list of integers")
             if not ids:
                 raise InvalidRequest("prompt_token_ids", "prompt_token_ids must not be empty")
+            limit = self.max_prompt_chars if truncate is not None else max_len - 1
+            if len(ids) > limit:
+                raise InvalidRequest("prompt", f"prompt is {len(ids)} tokens, max_model_len is "
+                                                         f"{max_len}: it must be shorter to leave room for at least "
+                                                         "one generated token")
+            if not all(type(t) is int for t in ids):
+                raise InvalidRequest("prompt_token_ids", "prompt_token_ids must be a list of integers")
             vocab = self.config.model_config.vocab_size
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
@@ -91,35 +123,79 @@ class LLMEngine:
             ids = list(ids)
         if truncate is not None:
             ids = ids[-truncate:]
-        if len(ids) >= self.config.max_model_len:
-            raise InvalidRequest("prompt", f"prompt is {len(ids)} tokens, max_model_len is {self.config.max_model_len}: "
+        if len(ids) >= max_len:
+            raise InvalidRequest("prompt", f"prompt is {len(ids)} tokens, max_model_len is {max_len}: "
                              "it must be shorter to leave room for at least one generated token")
         return text, ids
 
-    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
-                    arrival_time: float | None = None, priority: int = 0) -> None:
+    def process_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                        arrival_time: float | None = None, priority: int = 0,
+                        max_tokens_fit: bool = False) -> PreparedRequest:
+        """Every check a request must pass, cheapest first, and its tokenization. Reads only
+        immutable engine state, so any thread may call it while the loop runs.
+
+        `max_tokens_fit`: refuse a `max_tokens` beyond what the context leaves after the
+        prompt, as vLLM's server does (the serving frontends ask for it); without it, as in
+        vLLM's offline `LLM`, generation simply stops at max_model_len."""
         params = params if params is not None else SamplingParams()
         if not isinstance(params, SamplingParams):
             raise InvalidRequest("sampling_params", f"sampling_params must be a SamplingParams, got {type(params).__name__}")
-        self._check_new_request(request_id, priority)
+        if isinstance(priority, bool) or not isinstance(priority, int):
+            raise InvalidRequest("priority", f"priority must be an integer, got {priority!r}")
+        max_seqs = self.config.max_num_seqs
+        if params.num_samples > max_seqs:
+            name = "best_of" if params.best_of is not None and params.best_of > params.n else "n"
+            raise InvalidRequest(name, f"{name}={getattr(params, name)} exceeds max_num_seqs={max_seqs}: "
+                                       "a request's samples must fit one batch")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(params, name)
             if value is not None and value > self.config.max_logprobs:
                 raise InvalidRequest(name, f"{name} must be at most max_logprobs={self.config.max_logprobs}, got {value}")
+        self._check_token_ids(params)
         text, ids = self.tokenize_prompt(prompt, params.truncate_prompt_tokens)
+        room = self.config.max_model_len - len(ids)
+        if max_tokens_fit and params.max_tokens is not None and params.max_tokens > room:
+            raise InvalidRequest("max_tokens", f"'max_tokens' or 'max_completion_tokens' is too large: {params.max_tokens}. This model's maximum "
+                                               f"context length is {self.config.max_model_len} tokens and your request "
+                                               f"has {len(ids)} input tokens ({params.max_tokens} > "
+                                               f"{self.config.max_model_len} - {len(ids)}).")
         bad_words_ids = self._bad_words_ids(params.bad_words) if params.bad_words else []
         arrival = arrival_time if arrival_time is not None else time.monotonic()
+        return PreparedRequest(str(request_id), text, ids, params, arrival, priority, bad_words_ids)
+
+    def _check_token_ids(self, params: SamplingParams) -> None:
+        """Token ids in the request must be rows of the model's logits (vLLM's messages)."""
+        vocab = self.config.model_config.vocab_size
+        if params.allowed_token_ids is not None:
+            bad = [t for t in params.allowed_token_ids if t >= vocab]
+            if bad:
+                raise InvalidRequest("allowed_token_ids", f"allowed_token_ids contains out-of-vocab token id(s) "
+                                                          f"{bad[:8]}; vocabulary size: {vocab}")
+        if params.logit_bias:
+            bad = sorted(t for t in params.logit_bias if t >= vocab)
+            if bad:
+                raise InvalidRequest("logit_bias", f"token_id(s) {bad[:8]} in logit_bias contain out-of-vocab token "
+                                                   f"ids. Vocabulary size: {vocab}")
+
+    def add_request(self, request_id: str, prompt: PromptType, params: SamplingParams | None = None,
+                    arrival_time: float | None = None, priority: int = 0) -> None:
+        self.add_prepared(self.process_request(request_id, prompt, params, arrival_time, priority))
+
+    def add_prepared(self, req: PreparedRequest) -> None:
+        """Queue a request that `process_request` accepted: sequences and bookkeeping only."""
+        self._check_new_request(req.request_id, req.priority)
+        params, ids = req.params, req.prompt_token_ids
         seqs = []
         for i in range(params.num_samples):
             p = params.clone(_eos_token_ids=self._eos_ids,
                              seed=None if params.seed is None else params.seed + i)
-            seq = Sequence(request_id, ids, p, arrival, index=i, priority=priority)
-            seq.bad_words_ids = bad_words_ids
+            seq = Sequence(req.request_id, ids, p, req.arrival_time, index=i, priority=req.priority)
+            seq.bad_words_ids = req.bad_words_ids
             seqs.append(seq)
         self.scheduler.add_request(seqs)
         op = self.output_processor
-        op.add(RequestState(request_id, text, ids, params, seqs,
-                            [op.make_detokenizer(ids, s.params) for s in seqs], RequestMetrics(arrival)))
+        op.add(RequestState(req.request_id, req.prompt, ids, params, seqs,
+                            [op.make_detokenizer(ids, s.params) for s in seqs], RequestMetrics(req.arrival_time)))
         self.stats.prompt_tokens += len(ids)
 
     def add_beam_search_request(self, request_id: str, prompt: PromptType, params: BeamSearchParams,
@@ -204,11 +280,14 @@ class LLMEngine:
     def get_stats(self) -> dict[str, Any]:
         sched = self.scheduler.stats
         kv = self.kv_cache_manager
+        running = {s.request_id for s in self.scheduler.running}
         return {
             "kv_cache_usage": kv.usage,
             "num_kv_blocks": kv.num_blocks,
             "num_free_blocks": kv.num_free_blocks,
-            "num_running": len(self.scheduler.running),
+            "num_running_requests": len(running),
+            "num_waiting_requests": len(self.scheduler.requests) - len(running),
+            "num_running": len(self.scheduler.running),  # sequences
             "num_waiting": len(self.scheduler.waiting),
             "num_preemptions": sched.num_preemptions,
             "num_swapped": len(self.scheduler.swapped),

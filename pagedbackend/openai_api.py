@@ -146,12 +146,18 @@ def _message_text(i: int, message: Any) -> dict[str, str]:
     return {"role": role, "content": content}
 
 
-def parse_chat(body: dict[str, Any], tokenizer: Any, chat_template: str | None = None) -> OpenAIRequest:
+def parse_chat(body: dict[str, Any], tokenizer: Any, chat_template: str | None = None,
+               max_prompt_chars: int | None = None) -> OpenAIRequest:
+    """`max_prompt_chars` bounds the messages' text before the template and the tokenizer
+    run on it (the engine's limit for text prompts)."""
     body = dict(body)
     messages = body.pop("messages", None)
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages", "messages must be a non-empty list")
     messages = [_message_text(i, m) for i, m in enumerate(messages)]
+    chars = sum(len(m["content"]) for m in messages)
+    if max_prompt_chars is not None and chars > max_prompt_chars:
+        raise InvalidRequest("messages", f"messages hold {chars} characters, more than max_prompt_chars={max_prompt_chars}")
     if "max_completion_tokens" in body:
         value = body.pop("max_completion_tokens")
         if value is not None:
@@ -210,6 +216,7 @@ class _Formatter:
         self.id = ("chatcmpl-" if req.kind == "chat" else "cmpl-") + request_id
         self.object = "chat.completion" if req.kind == "chat" else "text_completion"
         self._started: set[int] = set()
+        self._finished: set[int] = set()  # choices whose finish chunk went out: nothing follows it
 
     def _index(self, prompt_idx: int, sample: int) -> int:
         return prompt_idx * self.req.params.n + sample
@@ -243,9 +250,11 @@ class _Formatter:
         for c in out.outputs:
             index = self._index(prompt_idx, c.index)
             first = index not in self._started
-            if not (c.delta_text or c.finish_reason or first):
+            if index in self._finished or not (c.delta_text or c.finish_reason or first):
                 continue
             self._started.add(index)
+            if c.finish_reason is not None:
+                self._finished.add(index)
             text = c.delta_text
             if first and self.req.echo:
                 text = (self.req.prompt_texts[prompt_idx] or "") + text
@@ -306,11 +315,25 @@ class _Formatter:
         return f"data: {json.dumps(obj)}\n\n"
 
 
-async def _run_all(engine: Any, req: OpenAIRequest, request_id: str) -> AsyncIterator[tuple[int, RequestOutput]]:
-    """Every prompt of the request through the engine at once; outputs as they arrive."""
+def submit_openai(engine: Any, req: OpenAIRequest, request_id: str, loop: asyncio.AbstractEventLoop | None = None) -> list[Any]:
+    """Validate and queue every prompt of the request now (a bad one raises here, before any
+    answer is committed, and the ones already queued are aborted); one stream per prompt."""
     ids = [request_id] if len(req.prompts) == 1 else [f"{request_id}-{i}" for i in range(len(req.prompts))]
-    if len(req.prompts) == 1:
-        async for out in engine.generate(req.prompts[0], req.params, ids[0], priority=req.priority):
+    streams: list[Any] = []
+    try:
+        for prompt, rid in zip(req.prompts, ids):
+            streams.append(engine.add_request(prompt, req.params, rid, req.priority, loop=loop))
+    except BaseException:
+        for stream in streams:
+            stream.abort()
+        raise
+    return streams
+
+
+async def _run_all(engine: Any, streams: list[Any]) -> AsyncIterator[tuple[int, RequestOutput]]:
+    """The outputs of every prompt's stream as they arrive; leaving early aborts them all."""
+    if len(streams) == 1:
+        async for out in engine.stream(streams[0]):
             yield 0, out
         return
     queue: asyncio.Queue = asyncio.Queue()
@@ -318,14 +341,14 @@ async def _run_all(engine: Any, req: OpenAIRequest, request_id: str) -> AsyncIte
 
     async def pump(i: int) -> None:
         try:
-            async for out in engine.generate(req.prompts[i], req.params, ids[i], priority=req.priority):
+            async for out in engine.stream(streams[i]):
                 await queue.put((i, out))
         except BaseException as e:  # handed to the consumer, which re-raises it
             await queue.put(e)
         finally:
             await queue.put(done)
 
-    tasks = [asyncio.ensure_future(pump(i)) for i in range(len(req.prompts))]
+    tasks = [asyncio.ensure_future(pump(i)) for i in range(len(streams))]
     try:
         remaining = len(tasks)
         while remaining:
@@ -339,20 +362,26 @@ async def _run_all(engine: Any, req: OpenAIRequest, request_id: str) -> AsyncIte
     finally:
         for t in tasks:  # the client left or one prompt failed: stop (and abort) the rest
             t.cancel()
+        for stream in streams:  # also those whose pump never started
+            stream.abort()
 
 
-async def complete_openai(engine: Any, req: OpenAIRequest, request_id: str, model: str) -> dict[str, Any]:
+async def complete_openai(engine: Any, req: OpenAIRequest, request_id: str, model: str,
+                          streams: list[Any] | None = None) -> dict[str, Any]:
+    streams = streams if streams is not None else submit_openai(engine, req, request_id)
     finals: dict[int, RequestOutput] = {}
-    async for i, out in _run_all(engine, req, request_id):
+    async for i, out in _run_all(engine, streams):
         if out.finished:
             finals[i] = out
     return _Formatter(req, request_id, model, engine.tokenizer).response([finals[i] for i in range(len(req.prompts))])
 
 
-async def stream_openai(engine: Any, req: OpenAIRequest, request_id: str, model: str) -> AsyncIterator[str]:
+async def stream_openai(engine: Any, req: OpenAIRequest, request_id: str, model: str,
+                        streams: list[Any] | None = None) -> AsyncIterator[str]:
+    streams = streams if streams is not None else submit_openai(engine, req, request_id)
     fmt = _Formatter(req, request_id, model, engine.tokenizer)
     finals: dict[int, RequestOutput] = {}
-    async for i, out in _run_all(engine, req, request_id):
+    async for i, out in _run_all(engine, streams):
         for event in fmt.chunks(i, out):
             yield event
         if out.finished:

@@ -26,23 +26,58 @@ class GenerateRequest:
     priority: int = 0
 
 
+class HugeInteger:
+    """A JSON integer too long for Python to convert (over `sys.get_int_max_str_digits()`
+    digits). Parsing keeps it as this placeholder instead of failing the whole body, so the
+    field check that meets it names the field ("n must be an integer, got <a 5000-digit
+    integer>") and no huge number is ever built."""
+
+    __slots__ = ("digits",)
+
+    def __init__(self, text: str) -> None:
+        self.digits = len(text.lstrip("-"))
+
+    def __repr__(self) -> str:
+        return f"<a {self.digits}-digit integer>"
+
+
+def _parse_int(text: str) -> int | HugeInteger:
+    return int(text) if len(text) <= 4000 else HugeInteger(text)
+
+
+def parse_json(text: str | bytes | bytearray, what: str = "request body", param: str | None = None) -> Any:
+    """Parse untrusted JSON: errors are `InvalidRequest`s naming `what` (never a traceback, a
+    RecursionError or a 500); integers too long to convert become `HugeInteger`s."""
+    if isinstance(text, (bytes, bytearray)):
+        try:
+            text = bytes(text).decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise InvalidRequest(param, f"{what} is not UTF-8 ({e})") from None
+    try:
+        return json.loads(text, parse_int=_parse_int)
+    except json.JSONDecodeError as e:
+        raise InvalidRequest(param, f"{what} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise InvalidRequest(param, f"{what} is nested too deeply") from None
+    except ValueError as e:  # anything else json refuses
+        raise InvalidRequest(param, f"{what} is not valid JSON: {e}") from None
+
+
 def load_json(payload: Any) -> dict[str, Any]:
     """The request body as a JSON object (TorchServe hands over bytes, or an already-parsed dict)."""
     if isinstance(payload, Mapping):
         return dict(payload)
-    if isinstance(payload, (bytes, bytearray)):
-        try:
-            payload = payload.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise InvalidRequest(None, f"request body is not UTF-8 ({e})") from e
-    if not isinstance(payload, str) or not payload.strip():
+    if isinstance(payload, (bytes, bytearray)) and not payload.strip():
+        payload = ""
+    if isinstance(payload, str) and not payload.strip():
+        raise InvalidRequest(None, "request body is empty: send a JSON object "
+                                   "(with the header Content-Type: application/json)")
+    if not isinstance(payload, (str, bytes, bytearray)):
         raise InvalidRequest(None, "request body must be a JSON object")
-    try:
-        body = json.loads(payload)
-    except json.JSONDecodeError as e:
-        raise InvalidRequest(None, f"request body is not valid JSON: {e}") from e
+    body = parse_json(payload)
     if not isinstance(body, dict):
-        raise InvalidRequest(None, f"request body must be a JSON object, got {type(body).__name__}")
+        kind = {str: "a JSON string", list: "a JSON array"}.get(type(body), f"JSON {type(body).__name__}")
+        raise InvalidRequest(None, f"request body must be a JSON object ({{\"prompt\": ...}}), got {kind}")
     return body
 
 

@@ -26,6 +26,17 @@ def load_tokenizer(path: str) -> Any:
         raise ValueError(f"tokenizer: cannot load a tokenizer from {path} ({type(e).__name__}: {e})") from e
 
 
+def max_token_chars(tokenizer: Any) -> int:
+    """The most characters of text one token can stand for: the longest entry of the
+    vocabulary (byte-level vocabularies spell each byte as one character, SentencePiece writes
+    the space as one, so a token's entry is at least as long as the text it covers)."""
+    try:
+        vocab = tokenizer.get_vocab()
+    except Exception:  # a tokenizer without a vocabulary listing: assume a generous bound
+        return 64
+    return max((len(t) for t in vocab), default=64) or 64
+
+
 class IncrementalDetokenizer:
     def __init__(self, tokenizer: Any, prompt_token_ids: list[int], skip_special_tokens: bool = True,
                  spaces_between_special_tokens: bool = True) -> None:

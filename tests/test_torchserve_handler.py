@@ -107,14 +107,14 @@ def test_async_handle_answers_bad_bodies_with_400_and_never_raises(loaded, body)
 
 def test_async_failure_after_the_first_piece_is_reported_in_the_stream(loaded):
     h, ctx = loaded("asyncCommunication")
-    real = h.engine.generate
+    real = h.engine.stream
 
-    async def failing(prompt, params, request_id, priority=0):
-        async for out in real(prompt, params, request_id, priority=priority):
+    async def failing(stream):
+        async for out in real(stream):
             yield out
             raise RuntimeError("device lost")
 
-    h.engine.generate = failing
+    h.engine.stream = failing
     ret, ctx = _drain_async(h, ctx, json.dumps({"prompt": "hi", "stream": True, "max_tokens": 5}).encode())
     assert ret == [""] and ctx.get_response_status(0)[0] == 200
     sent = b"".join(ctx.cl_socket.sent)
@@ -172,3 +172,117 @@ def test_single_step_reply_is_a_plain_response(loaded):
     out = h.handle([{"body": b"{}"}], ctx)
     assert json.loads(out[0])["data"][0]["id"] == "tiny"
     assert ctx.stopping_criteria[0](out[0]) is None
+
+
+def _step(h, ctx, bodies: dict[str, dict | None], url_paths: dict[str, str] | None = None):
+    """One continuous-batching step: {request id: body or None (a continuing request)}.
+    Returns {request id: (text, status, content type, stop)} for the requests answered."""
+    ids = list(bodies)
+    set_batch(ctx, ids, [(url_paths or {}).get(r, "") for r in ids])
+    data = [{"body": json.dumps(b).encode()} if b is not None else {} for b in bodies.values()]
+    out = h.handle(data, ctx)
+    assert len(out) == len(ids)
+    answered = {}
+    for idx, rid in ctx.request_ids.items():
+        answered[rid] = (out[idx], ctx.get_response_status(idx)[0], ctx.get_response_content_type(idx),
+                         ctx.stopping_criteria[idx](out[idx]))
+    return answered
+
+
+def test_a_rejection_found_after_a_slow_tokenization_is_still_a_400(loaded, monkeypatch):
+    """The soak's 3.6M-token prompt: validation used to finish after the handler had committed
+    200 (it waited 1 s); now it runs before the first answer, however long it takes."""
+    h, ctx = loaded(max_model_len=64)
+    encode = h.engine.tokenizer.encode
+
+    def slow_encode(*a, **k):
+        time.sleep(1.3)
+        return encode(*a, **k) * 40  # far over max_model_len
+
+    monkeypatch.setattr(h.engine.tokenizer, "encode", slow_encode)
+    answered = _step(h, ctx, {"big": {"prompt": "a long text", "stream": True}})
+    text, status, content_type, stop = answered["big"]
+    assert status == 400 and content_type == "application/json" and stop is None
+    assert json.loads(text)["error"]["param"] == "prompt"
+
+
+@pytest.mark.parametrize("body,param", [({"prompt": "hi", "n": 200000}, "n"),
+                                        ({"prompt": "hi", "n": 2, "best_of": 200000, "temperature": 1}, "best_of"),
+                                        ({"prompt": "hi", "max_tokens": 10**12}, "max_tokens"),
+                                        ({"prompt": "hi", "allowed_token_ids": [10**6]}, "allowed_token_ids")])
+def test_limits_are_400s_naming_the_field_at_the_first_step(loaded, body, param):
+    h, ctx = loaded()
+    text, status, content_type, _ = _step(h, ctx, {"r": body})["r"]
+    assert status == 400 and json.loads(text)["error"]["param"] == param
+
+
+def test_a_stream_has_its_content_type_from_the_first_byte_when_the_first_token_is_slow(loaded, monkeypatch):
+    h, ctx = loaded()
+    execute = h.engine.engine.runner.execute
+
+    def slow_execute(*a, **k):
+        time.sleep(1.3)
+        return execute(*a, **k)
+
+    monkeypatch.setattr(h.engine.engine.runner, "execute", slow_execute)
+    first = _step(h, ctx, {"s": {"prompt": "hi", "stream": True, "max_tokens": 2},
+                           "o": {"prompt": "hi", "stream": True, "max_tokens": 2}},
+                  {"o": "v1/completions"})
+    assert (first["s"][1], first["s"][2]) == (200, "application/x-ndjson")
+    assert (first["o"][1], first["o"][2]) == (200, "text/event-stream")
+    for _ in range(100):
+        answered = _step(h, ctx, {r: None for r in ("s", "o") if r in first and not first[r][3]})
+        first.update(answered)
+        if all(v[3] for v in first.values()):
+            break
+    assert all(v[3] for v in first.values())
+
+
+def test_a_non_streaming_request_is_answered_once_whole_and_never_holds_the_step(loaded):
+    """It is left out of every step's answer until complete (TorchServe keeps it for the next
+    step), so the streams beside it get their pieces every step, and its status is its outcome."""
+    h, ctx = loaded()
+    steps = 0
+    answers = _step(h, ctx, {"whole": {"prompt": "hi", "max_tokens": 12, "ignore_eos": True},
+                             "s": {"prompt": "hi", "max_tokens": 40, "ignore_eos": True, "stream": True}})
+    streamed, whole = answers["s"][0], None
+    while whole is None or not answers.get("s", ("", 0, "", True))[3]:
+        steps += 1
+        assert steps < 400
+        pending = {}
+        if whole is None:
+            pending["whole"] = {"prompt": "hi", "max_tokens": 12, "ignore_eos": True}  # TorchServe re-sends it
+        if "s" in answers and not answers["s"][3]:
+            pending["s"] = None
+        if not pending:
+            break
+        answers = _step(h, ctx, pending)
+        assert "s" not in pending or "s" in answers  # the stream is answered every step
+        if "whole" in answers:
+            text, status, content_type, stop = answers["whole"]
+            assert (status, content_type, stop) == (200, "application/json", None)
+            whole = json.loads(text)
+        if "s" in answers:
+            streamed += answers["s"][0]
+    assert len(whole["token_ids"]) == 12
+    assert sum(len(json.loads(line)["token_ids"]) for line in streamed.splitlines()) == 40
+
+
+def test_a_non_streaming_failure_gets_its_error_status_not_200(loaded, monkeypatch):
+    h, ctx = loaded()
+    real = h.engine.stream
+
+    async def failing(stream):
+        async for out in real(stream):
+            yield out
+            raise RuntimeError("device lost")
+
+    monkeypatch.setattr(h.engine, "stream", failing)
+    body = {"prompt": "hi", "max_tokens": 5}
+    for _ in range(200):
+        answers = _step(h, ctx, {"w": body})
+        if "w" in answers:
+            break
+    text, status, content_type, stop = answers["w"]
+    assert status == 500 and content_type == "application/json" and stop is None
+    assert "device lost" in json.loads(text)["error"]["message"]

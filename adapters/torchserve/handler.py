@@ -32,7 +32,8 @@ from typing import Any
 from pagedbackend import AsyncLLMEngine, EngineArgs
 from pagedbackend.adapters.torchserve.config import validate_model_config
 from pagedbackend.adapters.torchserve.metrics import EngineMetrics
-from pagedbackend.adapters.torchserve.routes import MeteredEngine, RequestPump, open_reply
+from pagedbackend.adapters.torchserve.routes import MeteredEngine, RequestPump, complete_body, error_reply, open_reply
+from pagedbackend.errors import InvalidRequest
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,6 @@ logger = logging.getLogger(__name__)
 MAX_WRITE = 16 * 1024
 # Continuous-batching mode: how long one step waits for something new to send.
 STEP_WAIT_S = 0.05
-OPEN_WAIT_S = 1.0
 
 
 class PagedLLMHandler:
@@ -95,10 +95,15 @@ class PagedLLMHandler:
             return path.read_text()
         return value  # the template itself
 
-    def _opener(self, context: Any, idx: int, request_id: str, body: Any):
+    def _open(self, context: Any, idx: int, request_id: str, item: dict[str, Any], loop: asyncio.AbstractEventLoop):
+        body = item.get("data") or item.get("body")
+        if body is None and item:
+            # TorchServe decoded a form: `curl -d` without -H 'Content-Type: application/json'.
+            return error_reply(InvalidRequest(None, "the request body arrived as form fields, not JSON: send it "
+                                                    "with the header Content-Type: application/json"))
         url_path = context.get_request_header(idx, "url_path") or ""
-        return lambda: open_reply(self.metered, url_path, body, request_id, self.model_name,
-                                  self.engine.tokenizer, self.chat_template)
+        return open_reply(self.metered, url_path, body, request_id, self.model_name, self.engine.tokenizer,
+                          self.chat_template, loop)
 
     # --------------------------------------------------------------- serving
     def handle(self, data: list[dict[str, Any]], context: Any):
@@ -108,57 +113,74 @@ class PagedLLMHandler:
             return self._step(data, context)
         return self._handle_async(data, context)
 
+    def _send(self, context: Any, text: str) -> None:
+        # Every piece goes out as an intermediate response (a final response with no chunk
+        # before it leaks a job object in TorchServe's frontend).
+        for start in range(0, max(len(text), 1), MAX_WRITE):
+            self._send_intermediate([text[start:start + MAX_WRITE]], context.request_ids,
+                                    "Intermediate Prediction success", 200, context)
+
     async def _handle_async(self, data: list[dict[str, Any]], context: Any) -> list[str]:
         request_id = context.request_ids[0]
-        body = data[0].get("data") or data[0].get("body")
         try:
-            reply = await self._opener(context, 0, request_id, body)()
+            reply = self._open(context, 0, request_id, data[0], asyncio.get_running_loop())
+            if not reply.stream:  # one body, with the status it ends with
+                status, text = await complete_body(reply)
+                context.set_response_status(status, "", 0)
+                context.set_response_content_type(0, reply.content_type)
+                if status >= 400:
+                    # TorchServe closes the connection right after the head of an error response,
+                    # so an error must be one complete response. (0.12's async mode then keeps a
+                    # small job record for it, as it does for its own handlers' errors.)
+                    return [text]
+                self._send(context, text)
+                return [""]
             context.set_response_status(reply.status, "", 0)
             context.set_response_content_type(0, reply.content_type)
-            if reply.status >= 400:
-                # TorchServe closes the connection right after the head of an error response,
-                # so an error must be one complete response. (0.12's async mode then keeps a
-                # small job record for it, as it does for its own handlers' errors.)
-                return ["".join([piece async for piece in reply.pieces])]
             async for piece in reply.pieces:
-                # Every piece goes out as an intermediate response (a final response with no
-                # chunk before it leaks a job object in TorchServe's frontend).
-                for start in range(0, max(len(piece), 1), MAX_WRITE):
-                    self._send_intermediate([piece[start:start + MAX_WRITE]], context.request_ids,
-                                            "Intermediate Prediction success", 200, context)
+                self._send(context, piece)
         except Exception:  # noqa: BLE001 - the stream was already answered; keep the worker alive
             logger.exception("request %s failed while streaming", request_id)
         return [""]
 
-    def _step(self, data: list[dict[str, Any]], context: Any) -> list[str]:
+    def _step(self, data: list[dict[str, Any]], context: Any) -> list[Any]:
+        """One frontend step. New requests are parsed, validated and queued right here, so each
+        one's status and Content-Type are known before its first byte. A stream gets whatever
+        is new (possibly nothing) every step; a non-streaming request gets no response until
+        its whole body is ready: it is left out of this step's answer, and TorchServe keeps
+        it for the next step, so its status is its real outcome and no step waits for it."""
         ids = [context.request_ids[i] for i in range(len(data))]
         with self._cond:
             for rid in list(self._pumps):
                 if rid not in ids:  # TorchServe dropped it: the client disconnected
                     logger.info("client of request %s disconnected; aborting it", rid)
                     self._pumps.pop(rid).cancel()
-            new = []
-            for i, rid in enumerate(ids):
-                if rid not in self._pumps:
-                    body = data[i].get("data") or data[i].get("body")
-                    self._pumps[rid] = RequestPump(self._loop, self._cond, self._opener(context, i, rid, body))
-                    new.append(self._pumps[rid])
+        for i, rid in enumerate(ids):
+            if rid not in self._pumps:
+                pump = RequestPump(self._loop, self._cond, self._open(context, i, rid, data[i], self._loop))
+                with self._cond:
+                    self._pumps[rid] = pump
+        with self._cond:
             pumps = [self._pumps[rid] for rid in ids]
             start = time.monotonic()
-            while True:
-                opened = all(p.opened for p in new)
+            while not any(p.has_news for p in pumps):
                 waited = time.monotonic() - start
-                if opened and (any(p.has_news for p in pumps) or waited >= STEP_WAIT_S):
+                if waited >= STEP_WAIT_S:
                     break
-                if waited >= OPEN_WAIT_S:
-                    break
-                self._cond.wait(max(0.001, (STEP_WAIT_S if opened else OPEN_WAIT_S) - waited))
-            responses, stops = [], []
+                self._cond.wait(STEP_WAIT_S - waited)
+            responses: list[Any] = []
+            stops: list[bool | None] = []
+            deferred = []
             for i, (rid, pump) in enumerate(zip(ids, pumps)):
+                if not pump.stream and not pump.done:
+                    deferred.append(i)
+                    responses.append(None)
+                    stops.append(None)
+                    continue
                 text, done = pump.take()
                 if not pump.started:
-                    context.set_response_status(pump.status or 200, "", i)
-                    context.set_response_content_type(i, pump.content_type or "application/json")
+                    context.set_response_status(pump.status, "", i)
+                    context.set_response_content_type(i, pump.content_type)
                 # A reply complete at its first step is sent as a plain response (None): a
                 # stream that ends at its first chunk can hang the client in TorchServe 0.12.
                 stops.append(None if done and not pump.started else done)
@@ -166,5 +188,7 @@ class PagedLLMHandler:
                 if done:
                     del self._pumps[rid]
                 responses.append(text)
+        for i in deferred:  # TorchServe answers only the ids left in this map
+            del context.request_ids[i]
         context.stopping_criteria = [lambda _ret, stop=stop: stop for stop in stops]
         return responses

@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from pagedbackend.metrics import METRICS
 from pagedbackend.outputs import RequestOutput
 
 try:  # imported lazily by TorchServe workers; tests of this module run without TorchServe
@@ -18,23 +19,10 @@ try:  # imported lazily by TorchServe workers; tests of this module run without 
 except ImportError:  # pragma: no cover
     MetricTypes = None  # type: ignore[assignment]
 
-GAUGES = {
-    # metric name: (stats key, unit, scale)
-    "KVCacheUsagePercent": ("kv_cache_usage", "percent", 100.0),
-    "RunningRequests": ("num_running", "count", 1.0),
-    "WaitingRequests": ("num_waiting", "count", 1.0),
-    "PrefixCacheHitRatePercent": ("prefix_cache_hit_rate", "percent", 100.0),
-    "EngineBatchSize": ("last_batch_seqs", "count", 1.0),
-    "EngineMaxBatchSize": ("max_batch_seqs", "count", 1.0),
-}
-COUNTERS = {
-    # metric name: cumulative stats key (emitted as increments)
-    "Preemptions": "num_preemptions",
-    "GeneratedTokens": "generation_tokens",
-    "PromptTokens": "prompt_tokens",
-}
+GAUGES = {m.torchserve: (m.key, m.unit, m.scale) for m in METRICS if m.kind == "gauge"}
+COUNTERS = {m.torchserve: m.key for m in METRICS if m.kind == "counter"}  # emitted as increments
 # Seconds, as Prometheus expects (TorchServe's histogram buckets run from 5 ms to 10 s).
-HISTOGRAMS = ("TimeToFirstTokenSeconds", "TimePerOutputTokenSeconds")
+HISTOGRAMS = {m.key: m.torchserve for m in METRICS if m.kind == "histogram"}
 
 
 class EngineMetrics:
@@ -81,9 +69,8 @@ class EngineMetrics:
         if m is None:
             return
         with self._lock:
-            if m.time_to_first_token is not None:
-                self._metrics.add_metric("TimeToFirstTokenSeconds", round(m.time_to_first_token, 6), "s",
-                                         metric_type=MetricTypes.HISTOGRAM)
-            if m.time_per_output_token is not None:
-                self._metrics.add_metric("TimePerOutputTokenSeconds", round(m.time_per_output_token, 6), "s",
-                                         metric_type=MetricTypes.HISTOGRAM)
+            samples = {"time_to_first_token_seconds": m.time_to_first_token,
+                       "time_per_output_token_seconds": m.time_per_output_token}
+            for key, value in samples.items():
+                if value is not None:
+                    self._metrics.add_metric(HISTOGRAMS[key], round(value, 6), "s", metric_type=MetricTypes.HISTOGRAM)

@@ -1,11 +1,13 @@
 """What the TorchServe handler answers, independent of how TorchServe drives it.
 
-`open_reply` parses one request for its route (the native format at
-`/predictions/<model>`, OpenAI's `v1/completions`, `v1/chat/completions`, `v1/models` under
-`/predictions/<model>/<version>/`), starts it, and waits for the first piece, so that every
-error that can be known before answering (bad JSON, bad field, a prompt over max_model_len)
-becomes a 4xx with a JSON body naming the field. After the first piece the status is
-committed; a later failure is reported inside the stream, in that stream's format.
+`open_reply` parses one request for its route (the native format at `/predictions/<model>`,
+OpenAI's `v1/completions`, `v1/chat/completions`, `v1/models` under
+`/predictions/<model>/<version>/`), validates it and queues it in the engine, all at once and
+synchronously: every error a request can carry (bad JSON, a bad field, a prompt over
+max_model_len) is known before anything is answered and becomes a 4xx with a JSON body naming
+the field, and a stream's status and Content-Type are known from its first byte, however long
+its first token takes. Failures while generating are reported inside a stream, in that
+stream's format; a non-streaming reply fails with its status (`Reply.stream` False).
 
 `RequestPump` runs a reply on the handler's event loop for continuous-batching mode, where the
 frontend asks for whatever is new once per step.
@@ -16,11 +18,12 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable
 
 from pagedbackend.errors import InvalidRequest
-from pagedbackend.openai_api import complete_openai, models_response, parse_chat, parse_completion, stream_openai
+from pagedbackend.openai_api import (complete_openai, models_response, parse_chat, parse_completion, stream_openai,
+                                     submit_openai)
 from pagedbackend.protocol import NativeStream, error_body, load_json, native_response, parse_generate
 
 NDJSON = "application/x-ndjson"
@@ -33,6 +36,8 @@ class Reply:
     status: int
     content_type: str
     pieces: AsyncIterator[str]
+    stream: bool = False  # pieces go out as they come; else one body, sent when complete
+    abort: Callable[[], None] = field(default=lambda: None)  # thread-safe: stop the engine requests
 
 
 class MeteredEngine:
@@ -46,51 +51,69 @@ class MeteredEngine:
     def tokenizer(self) -> Any:
         return self._engine.tokenizer
 
-    async def generate(self, prompt, params, request_id, priority: int = 0):
-        async for out in self._engine.generate(prompt, params, request_id, priority=priority):
+    @property
+    def max_prompt_chars(self) -> int:
+        return self._engine.engine.max_prompt_chars
+
+    def add_request(self, prompt, params, request_id, priority: int = 0, loop=None):
+        return self._engine.add_request(prompt, params, request_id, priority, loop=loop)
+
+    async def stream(self, stream):
+        async for out in self._engine.stream(stream):
             if out.finished:
                 self._on_finished(out)
             yield out
 
 
-async def _native(engine: Any, body: Any, request_id: str) -> tuple[str, AsyncIterator[str]]:
-    req = parse_generate(load_json(body))
+def _aborter(streams: list[Any]) -> Callable[[], None]:
+    def abort() -> None:
+        for stream in streams:
+            stream.abort()
+    return abort
 
-    async def stream() -> AsyncIterator[str]:
+
+def _native(engine: Any, body: Any, request_id: str, loop) -> Reply:
+    req = parse_generate(load_json(body))
+    stream = engine.add_request(req.prompt, req.params, request_id, req.priority, loop=loop)
+
+    async def lines() -> AsyncIterator[str]:
         fmt = NativeStream()
-        async for out in engine.generate(req.prompt, req.params, request_id, priority=req.priority):
+        async for out in engine.stream(stream):
             for line in fmt.lines(out):
                 yield line
 
     async def whole() -> AsyncIterator[str]:
         final = None
-        async for out in engine.generate(req.prompt, req.params, request_id, priority=req.priority):
+        async for out in engine.stream(stream):
             final = out
         yield json.dumps(native_response(final))
 
-    return (NDJSON, stream()) if req.stream else (JSON, whole())
+    abort = _aborter([stream])
+    return Reply(200, NDJSON, _guarded(lines(), NDJSON), True, abort) if req.stream else Reply(200, JSON, whole(), False, abort)
 
 
-async def _openai(engine: Any, route: str, body: Any, request_id: str, model: str, tokenizer: Any,
-                  chat_template: str | None) -> tuple[str, AsyncIterator[str]]:
+def _openai(engine: Any, route: str, body: Any, request_id: str, model: str, tokenizer: Any,
+            chat_template: str | None, loop) -> Reply:
     data = load_json(body)
-    req = parse_chat(data, tokenizer, chat_template) if route == "v1/chat/completions" else parse_completion(data)
+    req = (parse_chat(data, tokenizer, chat_template, engine.max_prompt_chars) if route == "v1/chat/completions"
+           else parse_completion(data))
+    streams = submit_openai(engine, req, request_id, loop)
     if req.stream:
-        return SSE, stream_openai(engine, req, request_id, model)
+        return Reply(200, SSE, _guarded(stream_openai(engine, req, request_id, model, streams), SSE), True,
+                     _aborter(streams))
 
     async def whole() -> AsyncIterator[str]:
-        yield json.dumps(await complete_openai(engine, req, request_id, model))
+        yield json.dumps(await complete_openai(engine, req, request_id, model, streams))
 
-    return JSON, whole()
+    return Reply(200, JSON, whole(), False, _aborter(streams))
 
 
 async def _single(text: str) -> AsyncIterator[str]:
     yield text
 
 
-async def _rest(first: str, pieces: AsyncIterator[str], content_type: str) -> AsyncIterator[str]:
-    """The pieces after the first, with a failure turned into an error in the stream's format."""
-    yield first
+async def _guarded(pieces: AsyncIterator[str], content_type: str) -> AsyncIterator[str]:
+    """A stream's pieces, with a failure turned into an error in the stream's format."""
     try:
         async for piece in pieces:
             yield piece
@@ -103,49 +126,65 @@ async def _rest(first: str, pieces: AsyncIterator[str], content_type: str) -> As
             yield json.dumps(body) + "\n"
 
 
-async def open_reply(engine: Any, url_path: str, body: Any, request_id: str, model: str, tokenizer: Any,
-                     chat_template: str | None) -> Reply:
+async def complete_body(reply: Reply) -> tuple[int, str]:
+    """A non-streaming reply's status and whole body; a failure while generating is that
+    failure's status and error body, never a 200."""
+    try:
+        return reply.status, "".join([piece async for piece in reply.pieces])
+    except Exception as e:  # noqa: BLE001
+        status, body = error_body(e)
+        return status, json.dumps(body)
+
+
+def open_reply(engine: Any, url_path: str, body: Any, request_id: str, model: str, tokenizer: Any,
+               chat_template: str | None, loop: asyncio.AbstractEventLoop | None = None) -> Reply:
+    """Parse, validate and queue one request now; `loop` is where its pieces will be consumed
+    (default: the running loop)."""
     route = (url_path or "").strip("/")
     try:
         if route == "":
-            content_type, pieces = await _native(engine, body, request_id)
-        elif route in ("v1/completions", "v1/chat/completions"):
-            content_type, pieces = await _openai(engine, route, body, request_id, model, tokenizer, chat_template)
-        elif route == "v1/models":
-            content_type, pieces = JSON, _single(json.dumps(models_response(model)))
-        else:
-            raise InvalidRequest(None, f"unknown route {route!r}; use /predictions/<model>, or v1/completions, "
-                                       "v1/chat/completions, v1/models under /predictions/<model>/<version>/", 404)
-        first = await pieces.__anext__()
-    except StopAsyncIteration:
-        return Reply(200, JSON, _single(""))
+            return _native(engine, body, request_id, loop)
+        if route in ("v1/completions", "v1/chat/completions"):
+            return _openai(engine, route, body, request_id, model, tokenizer, chat_template, loop)
+        if route == "v1/models":
+            return Reply(200, JSON, _single(json.dumps(models_response(model))))
+        raise InvalidRequest(None, f"unknown route {route!r}; use /predictions/<model>, or v1/completions, "
+                                   "v1/chat/completions, v1/models under /predictions/<model>/<version>/", 404)
     except Exception as e:  # noqa: BLE001
-        status, err = error_body(e)
-        return Reply(status, JSON, _single(json.dumps(err)))
-    return Reply(200, content_type, _rest(first, pieces, content_type))
+        return error_reply(e)
+
+
+def error_reply(exc: BaseException) -> Reply:
+    status, err = error_body(exc)
+    return Reply(status, JSON, _single(json.dumps(err)))
 
 
 class RequestPump:
-    """One request's reply running on the handler's event loop (continuous-batching mode):
-    pieces are buffered until the frontend's next step takes them; `cancel()` (the client is
-    gone) stops the reply, which aborts the request in the engine."""
+    """One request's reply running on the handler's event loop (continuous-batching mode).
+    A stream's pieces are buffered until the frontend's next step takes them; a non-streaming
+    reply becomes one body (and its final status) when complete. `cancel()` (the client is
+    gone) stops the reply and aborts its engine requests, freeing their blocks."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, cond: threading.Condition, opener) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, cond: threading.Condition, reply: Reply) -> None:
         self._cond = cond
-        self.status: int | None = None
-        self.content_type: str | None = None
+        self._reply = reply
+        self.status = reply.status
+        self.content_type = reply.content_type
+        self.stream = reply.stream and reply.status < 400
         self.pieces: list[str] = []
         self.done = False
         self.started = False  # a response for it has been returned to the frontend
-        self._future = asyncio.run_coroutine_threadsafe(self._run(opener), loop)
+        self._future = asyncio.run_coroutine_threadsafe(self._run(), loop)
 
-    async def _run(self, opener) -> None:
+    async def _run(self) -> None:
         try:
-            reply = await opener()
-            with self._cond:
-                self.status, self.content_type = reply.status, reply.content_type
-                self._cond.notify_all()
-            async for piece in reply.pieces:
+            if not self.stream:
+                status, body = await complete_body(self._reply)
+                with self._cond:
+                    self.status = status
+                    self.pieces.append(body)
+                return
+            async for piece in self._reply.pieces:
                 with self._cond:
                     self.pieces.append(piece)
                     self._cond.notify_all()
@@ -155,12 +194,9 @@ class RequestPump:
                 self._cond.notify_all()
 
     @property
-    def opened(self) -> bool:
-        return self.status is not None or self.done
-
-    @property
     def has_news(self) -> bool:
-        return bool(self.pieces) or self.done
+        """Something to send: a stream's new pieces, or a whole reply that is complete."""
+        return self.done or (self.stream and bool(self.pieces))
 
     def take(self) -> tuple[str, bool]:
         """(everything buffered, whether the reply is complete); call with the condition held."""
@@ -169,3 +205,4 @@ class RequestPump:
 
     def cancel(self) -> None:
         self._future.cancel()
+        self._reply.abort()
