@@ -124,6 +124,17 @@ def test_client_disconnect_aborts_the_request_and_frees_its_blocks(cb_server):
     ({"prompt_token_ids": [42] * 1100}, None, "prompt", "max_model_len"),
     ({"prompt_token_ids": [5, 99999]}, None, "prompt_token_ids", "out of range"),
     (None, "{not json", None, "not valid JSON"),
+    # What a hostile soak sent: each used to be a 500, a 200 with an error body, or a 400 without the field.
+    (None, '{"prompt": "hi", "n": ' + "9" * 5000 + "}", "n", "n must be an integer, got <a 5000-digit integer>"),
+    (None, "[" * 100000 + "]" * 100000, None, "nested too deeply"),
+    (None, '{"prompt": "hi", "stop": ' + "[" * 20000 + "]" * 20000 + "}", None, "nested too deeply"),
+    (None, '"just a string"', None, "must be a JSON object"),
+    ({"prompt": "hi", "n": 200000}, None, "n", "exceeds max_num_seqs"),
+    ({"prompt": "hi", "n": 1, "best_of": 200000, "temperature": 1.0}, None, "best_of", "exceeds max_num_seqs"),
+    ({"prompt": "hi", "max_tokens": 10**12}, None, "max_tokens", "is too large: 1000000000000"),
+    ({"prompt": "hi", "allowed_token_ids": [5000, 6000]}, None, "allowed_token_ids", "out-of-vocab"),
+    ({"prompt": "hi", "logit_bias": {"70000": 5}}, None, "logit_bias", "out-of-vocab"),
+    ({"prompt": "x" * (3 << 20)}, None, "prompt", "max_prompt_chars"),
 ])
 def test_bad_request_gets_a_4xx_naming_the_field_while_good_streams_finish(cb_server, body, raw, param, message):
     good = [None] * 2
@@ -145,6 +156,40 @@ def test_bad_request_gets_a_4xx_naming_the_field_while_good_streams_finish(cb_se
     assert error["param"] == param and message in error["message"]
     assert "Traceback" not in text
     assert all(g[2]["finish_reason"] == "length" and len(g[1]) == 30 for g in good)
+
+
+def test_a_form_body_from_curl_without_content_type_says_what_to_send(cb_server):
+    status, ctype, text = post(cb_server.inference_port, "/predictions/tiny", {"prompt": "hi", "max_tokens": 4},
+                               headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert status == 400 and ctype.startswith("application/json")
+    assert "Content-Type: application/json" in json.loads(text)["error"]["message"]
+
+
+def test_non_streaming_answers_are_whole_responses_not_chunked_streams(cb_server):
+    """A non-streaming request is answered once, complete (so a failure can still get its
+    status), while streams beside it keep flowing."""
+    import http.client
+
+    streamed = []
+    runner = threading.Thread(target=lambda: streamed.extend(stream(
+        cb_server.inference_port, "/predictions/tiny",
+        {"prompt": "beside", "max_tokens": 40, "ignore_eos": True, "stream": True})))
+    runner.start()
+    conn = http.client.HTTPConnection("127.0.0.1", cb_server.inference_port, timeout=120)
+    try:
+        for path in ("/predictions/tiny", "/predictions/tiny/1.0/v1/completions"):
+            conn.request("POST", path, body=json.dumps({"prompt": "whole", "max_tokens": 20, "ignore_eos": True}),
+                         headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            body = resp.read()
+            assert resp.status == 200 and resp.getheader("Content-Type").startswith("application/json")
+            assert resp.getheader("Transfer-Encoding") is None and int(resp.getheader("Content-Length")) == len(body)
+            doc = json.loads(body)
+            assert len(doc["token_ids"]) == 20 if "token_ids" in doc else doc["usage"]["completion_tokens"] == 20
+    finally:
+        conn.close()
+        runner.join(120)
+    assert sum(len(json.loads(line)["token_ids"]) for line in streamed if line.strip()) == 40
 
 
 def test_unknown_route_is_a_404(cb_server):
@@ -236,7 +281,8 @@ def test_openai_client_library(cb_server):
 
 def test_metrics_endpoint_shows_the_engine_metrics(cb_server):
     post(cb_server.inference_port, "/predictions/tiny", {"prompt": "metrics please", "max_tokens": 5})
-    names = ["KVCacheUsagePercent", "RunningRequests", "WaitingRequests", "Preemptions",
+    names = ["KVCacheUsagePercent", "RunningRequests", "WaitingRequests", "Preemptions", "RunningSequences",
+             "WaitingSequences", "SwappedSequences", "FreeHostKVBlocks", "SwapOuts", "FreeKVBlocks",
              "PrefixCacheHitRatePercent", "GeneratedTokens", "PromptTokens", "EngineMaxBatchSize",
              "TimeToFirstTokenSeconds_count", "TimePerOutputTokenSeconds_count"]
     stats = wait_for_metrics(cb_server.metrics_url, lambda s: all(n in s for n in names))

@@ -22,6 +22,7 @@ Bad requests get a 4xx JSON error naming the field; no exception ever escapes `h
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import threading
@@ -97,10 +98,14 @@ class PagedLLMHandler:
 
     def _open(self, context: Any, idx: int, request_id: str, item: dict[str, Any], loop: asyncio.AbstractEventLoop):
         body = item.get("data") or item.get("body")
-        if body is None and item:
-            # TorchServe decoded a form: `curl -d` without -H 'Content-Type: application/json'.
-            return error_reply(InvalidRequest(None, "the request body arrived as form fields, not JSON: send it "
-                                                    "with the header Content-Type: application/json"))
+        if body is None:
+            # Nothing, or a form TorchServe decoded (`curl -d` without the JSON Content-Type).
+            return error_reply(InvalidRequest(None, "the request body is empty or was not sent as JSON: send a JSON "
+                                                    "object with the header Content-Type: application/json"))
+        if not isinstance(body, (bytes, bytearray, dict)):
+            # TorchServe already decoded a JSON body that is not an object (a string, an
+            # array, a number): encode it back so the parser says what it got.
+            body = json.dumps(body)
         url_path = context.get_request_header(idx, "url_path") or ""
         return open_reply(self.metered, url_path, body, request_id, self.model_name, self.engine.tokenizer,
                           self.chat_template, loop)
