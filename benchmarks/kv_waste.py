@@ -29,10 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from workload import OUT, Request, parallel_sampling_workload, sharegpt_workload, shared_prefix_workload  # noqa: E402
 
 from pagedbackend.kv_cache_manager import KVCacheManager  # noqa: E402
-from pagedbackend.sampler import SamplerOutput  # noqa: E402
 from pagedbackend.sampling_params import SamplingParams  # noqa: E402
 from pagedbackend.scheduler import Scheduler  # noqa: E402
 from pagedbackend.sequence import Sequence  # noqa: E402
+from pagedbackend.step import RunnerOutput  # noqa: E402
 
 MAX_MODEL_LEN = 2048
 
@@ -52,9 +52,9 @@ def simulate_paged(requests: list[Request], block_size: int, num_blocks: int, pr
     never_held = slots_allocated = 0
     while sched.has_unfinished():
         out = sched.schedule()
-        rows = len(out.sampling_sequences())
-        sched.update_from_output(out, SamplerOutput([rng.randrange(10, 32000) for _ in range(rows)],
-                                                    [None] * rows, [None] * rows))
+        rows = out.sampled_seq_ids()
+        sched.update(out, RunnerOutput(rows, [[rng.randrange(10, 32000)] for _ in rows],
+                                       [None] * len(rows), [None] * len(rows)))
         fill: dict[int, int] = {}  # block id -> slots holding a computed token
         requests_running = set()
         for seq in sched.running:

@@ -1,30 +1,46 @@
-"""pagedbackend: a paged-KV-cache LLM engine with vLLM's API, pluggable into TorchServe and PyTriton."""
+"""pagedbackend: a paged-KV-cache LLM engine with vLLM's API, pluggable into TorchServe and PyTriton.
 
-from pagedbackend.async_engine import AsyncLLMEngine, EngineDeadError, RequestFailedError, RequestStream
-from pagedbackend.beam_search import BeamSearchOutput, BeamSearchParams, BeamSearchSequence
-from pagedbackend.config import EngineArgs, EngineConfig
-from pagedbackend.llm import LLM
-from pagedbackend.llm_engine import LLMEngine
-from pagedbackend.outputs import CompletionOutput, Logprob, RequestOutput
-from pagedbackend.sampling_params import RequestOutputKind, SamplingParams
+The public names are imported on first use, so that the torch-free parts (the scheduler, the
+KV cache manager, the step types) can be imported without torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "LLM",
-    "AsyncLLMEngine",
-    "BeamSearchOutput",
-    "BeamSearchParams",
-    "BeamSearchSequence",
-    "CompletionOutput",
-    "EngineArgs",
-    "EngineConfig",
-    "EngineDeadError",
-    "LLMEngine",
-    "Logprob",
-    "RequestFailedError",
-    "RequestOutput",
-    "RequestOutputKind",
-    "RequestStream",
-    "SamplingParams",
-]
+_EXPORTS = {
+    "LLM": "pagedbackend.llm",
+    "AsyncLLMEngine": "pagedbackend.async_engine",
+    "EngineDeadError": "pagedbackend.async_engine",
+    "RequestFailedError": "pagedbackend.async_engine",
+    "RequestStream": "pagedbackend.async_engine",
+    "BeamSearchOutput": "pagedbackend.beam_search",
+    "BeamSearchParams": "pagedbackend.beam_search",
+    "BeamSearchSequence": "pagedbackend.beam_search",
+    "CompletionOutput": "pagedbackend.outputs",
+    "Logprob": "pagedbackend.outputs",
+    "RequestOutput": "pagedbackend.outputs",
+    "EngineArgs": "pagedbackend.config",
+    "EngineConfig": "pagedbackend.config",
+    "LLMEngine": "pagedbackend.llm_engine",
+    "RequestOutputKind": "pagedbackend.sampling_params",
+    "SamplingParams": "pagedbackend.sampling_params",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'pagedbackend' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

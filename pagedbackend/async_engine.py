@@ -1,4 +1,10 @@
-"""`AsyncLLMEngine`: the engine loop on one background thread, shared by every client.
+"""`AsyncLLMEngine`: the engine core on one background thread, shared by every client, and
+the frontend around it.
+
+Three kinds of thread, one way: submitting threads validate and tokenize (the frontend), the
+engine thread only schedules, executes and updates (`EngineCore`), and an output thread turns
+the core's plain outputs into text (detokenization, stop strings) and hands them to each
+request's consumer. A stop string found there comes back to the engine thread as an abort.
 
 Requests are validated and tokenized on the submitting thread (`LLMEngine.process_request`):
 a bad or huge request fails there, synchronously, for its sender only, and the engine thread
@@ -24,6 +30,7 @@ from pagedbackend.config import EngineArgs
 from pagedbackend.llm_engine import LLMEngine, PreparedRequest, PromptType
 from pagedbackend.outputs import RequestOutput
 from pagedbackend.sampling_params import SamplingParams
+from pagedbackend.step import RequestDone
 
 logger = logging.getLogger(__name__)
 
@@ -111,17 +118,27 @@ class _Abort:
     request_id: str
 
 
+@dataclass
+class _AbortSeqs:
+    seq_ids: list[int]
+
+
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
+        self.core = engine.core
+        self.output_processor = engine.output_processor
         self._cv = threading.Condition()
-        self._commands: list[_Add | _Abort] = []
+        self._commands: list[_Add | _Abort | _AbortSeqs] = []
         self._streams: dict[str, RequestStream] = {}
         self._stopping = False
         self._dead: BaseException | None = None
-        self._stats: dict[str, Any] = engine.get_stats()
+        self._core_stats: dict[str, Any] = self.core.stats()
+        self._outputs: queue.SimpleQueue = queue.SimpleQueue()  # engine thread -> output thread
         self._thread = threading.Thread(target=self._loop, name="pagedbackend-engine", daemon=True)
+        self._output_thread = threading.Thread(target=self._output_loop, name="pagedbackend-output", daemon=True)
         self._thread.start()
+        self._output_thread.start()
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, progress: bool = True) -> "AsyncLLMEngine":
@@ -180,6 +197,8 @@ class AsyncLLMEngine:
                 raise EngineDeadError("the engine is not running") from self._dead
             if stream.request_id in self._streams:
                 raise ValueError(f"request_id {stream.request_id!r} is already in use")
+            self.output_processor.add_request(request_id, prepared.prompt, prepared.prompt_token_ids,
+                                              prepared.params, prepared.arrival_time)
             self._streams[stream.request_id] = stream
             self._commands.append(_Add(stream, prepared))
             self._cv.notify()
@@ -196,47 +215,67 @@ class AsyncLLMEngine:
         self.abort_request(request_id)
 
     def get_stats(self) -> dict[str, Any]:
-        """Snapshot taken by the loop after its latest step (safe from any thread)."""
+        """The core's snapshot after its latest step, and the frontend's finished-request
+        statistics (safe from any thread)."""
         with self._cv:
-            return dict(self._stats)
+            core = dict(self._core_stats)
+        return {**core, **self.output_processor.stats.snapshot()}
 
     # ---------------------------------------------------------------- the loop
     def _loop(self) -> None:
+        """The engine thread: commands, then one step of the core; its outputs go to the
+        output thread with the stats snapshot taken right after."""
+        core = self.core
         try:
             while True:
                 with self._cv:
-                    while not self._commands and not self._stopping and not self.engine.has_unfinished_requests():
+                    while not self._commands and not self._stopping and not core.has_unfinished():
                         self._cv.wait()
                     if self._stopping:
                         break
                     commands, self._commands = self._commands, []
-                outputs: list[RequestOutput] = []
-                for cmd in commands:
-                    outputs += self._apply(cmd)
-                if self.engine.has_unfinished_requests():
-                    outputs += self.engine.step()
-                # Snapshot before handing outputs over: a client that sees its request finish
-                # must also see stats that include it.
-                stats = self.engine.get_stats()
-                with self._cv:
-                    self._stats = stats
-                self._dispatch(outputs)
+                failed = [done for cmd in commands if (done := self._apply(cmd)) is not None]
+                outputs = core.step() if core.has_unfinished() else core.take_outputs()
+                stats = core.stats()
+                self._outputs.put((failed + outputs, stats))
         except BaseException as e:  # a bug in the loop itself: do not leave clients hanging
             logger.exception("engine loop died")
             self._dead = e
         finally:
             self._fail_all(EngineDeadError("the engine shut down" if self._dead is None else f"the engine loop died: {self._dead}"))
 
-    def _apply(self, cmd: _Add | _Abort) -> list[RequestOutput]:
+    def _apply(self, cmd: _Add | _Abort | _AbortSeqs) -> RequestDone | None:
         if isinstance(cmd, _Add):
             try:
-                self.engine.add_prepared(cmd.request)
-            except Exception as e:
-                self._drop(cmd.stream.request_id)
-                cmd.stream._put(e if isinstance(e, ValueError) else RequestFailedError(str(e)))
-            return []
-        out = self.engine.abort_request(cmd.request_id)
-        return [out] if out is not None else []
+                self.core.add(cmd.request)
+            except Exception as e:  # validated already: this is the engine's fault, not the client's
+                logger.exception("adding request %s failed", cmd.request.request_id)
+                return RequestDone(cmd.request.request_id, "error", error=f"{type(e).__name__}: {e}")
+        elif isinstance(cmd, _Abort):
+            self.core.abort(cmd.request_id)
+        else:
+            self.core.abort_seqs(cmd.seq_ids)
+        return None
+
+    def _output_loop(self) -> None:
+        """The output thread: detokenize, apply stop strings, hand outputs to their streams."""
+        while True:
+            item = self._outputs.get()
+            if item is None:
+                return
+            core_outputs, stats = item
+            try:
+                results, aborts = self.output_processor.process(core_outputs)
+            except Exception:  # noqa: BLE001 - a bug here must not stall every stream
+                logger.exception("processing the engine's outputs failed")
+                continue
+            with self._cv:
+                # Before the outputs: a client that sees its request finish sees stats with it.
+                self._core_stats = stats
+                if aborts and not self._stopping:
+                    self._commands.append(_AbortSeqs(aborts))
+                    self._cv.notify()
+            self._dispatch(results)
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -247,10 +286,6 @@ class AsyncLLMEngine:
             if stream is not None:
                 stream._put(out)
 
-    def _drop(self, request_id: str) -> None:
-        with self._cv:
-            self._streams.pop(request_id, None)
-
     def _fail_all(self, error: BaseException) -> None:
         with self._cv:
             streams, self._streams = self._streams, {}
@@ -258,10 +293,13 @@ class AsyncLLMEngine:
             self._commands.clear()
         for request_id, stream in streams.items():
             try:
-                self.engine.abort_request(request_id)
+                self.core.abort(request_id)
             except Exception:  # the engine may be in a bad state; the client still gets an answer
                 logger.exception("abort of %s during shutdown failed", request_id)
+            self.output_processor.remove(request_id)
             stream._put(error)
+        self.core.take_outputs()
+        self._outputs.put(None)
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Stop the loop; requests still in flight end with `EngineDeadError`."""
@@ -270,6 +308,8 @@ class AsyncLLMEngine:
             self._cv.notify_all()
         if threading.current_thread() is not self._thread:
             self._thread.join(timeout)
+        if threading.current_thread() is not self._output_thread:
+            self._output_thread.join(timeout)
 
     def __enter__(self) -> "AsyncLLMEngine":
         return self

@@ -22,6 +22,11 @@ class PrefixCacheStats:
     def hit_rate(self) -> float:
         return self.hits / self.queries if self.queries else 0.0
 
+    def record(self, num_tokens: int, num_hit_tokens: int) -> None:
+        """One admitted prompt (counted once: not while it waits, not again when resumed)."""
+        self.queries += num_tokens
+        self.hits += num_hit_tokens
+
 
 class KVCacheManager:
     def __init__(self, num_blocks: int, block_size: int, enable_caching: bool = True,
@@ -41,6 +46,10 @@ class KVCacheManager:
         self._host_blocks: dict[int, list[int]] = {}
         self._pending_swap_out: list[tuple[int, int]] = []  # (device block, host block)
         self._pending_swap_in: list[tuple[int, int]] = []  # (host block, device block)
+        # What the model runner knows of each sequence's block table: its length when last
+        # sent, and the first entry replaced in place since (copy-on-write).
+        self._sent: dict[int, int] = {}
+        self._replaced_from: dict[int, int] = {}
 
     # ---------------------------------------------------------------- queries
     @property
@@ -64,6 +73,29 @@ class KVCacheManager:
     def num_blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
+    # ------------------------------------------------------ the runner's view
+    def runner_blocks(self, seq: Sequence) -> list[int]:
+        """The whole block table, for a sequence entering the runner's batch."""
+        self._replaced_from.pop(seq.seq_id, None)
+        ids = self.block_ids(seq)
+        self._sent[seq.seq_id] = len(ids)
+        return ids
+
+    def block_update(self, seq: Sequence) -> tuple[int, list[int]] | None:
+        """(start, ids): the table from `start` on, if it changed since the runner last saw it
+        (new blocks appended; a block replaced by copy-on-write); else None."""
+        blocks = self._blocks.get(seq.seq_id, ())
+        sent = self._sent.get(seq.seq_id, 0)
+        start = min(sent, self._replaced_from.pop(seq.seq_id, sent))
+        if start == len(blocks) == sent:
+            return None
+        self._sent[seq.seq_id] = len(blocks)
+        return start, [b.block_id for b in blocks[start:]]
+
+    def _forget_sent(self, seq_id: int) -> None:
+        self._sent.pop(seq_id, None)
+        self._replaced_from.pop(seq_id, None)
+
     # ------------------------------------------------------------- prefix cache
     def reset_prefix_cache(self) -> bool:
         """Forget every cached block (benchmarks, weight reloads); False while any is in use."""
@@ -86,9 +118,6 @@ class KVCacheManager:
             if block is None:
                 break
             hits.append(block)
-        if seq.num_cached_tokens < 0:  # count each prompt once, not again after a preemption
-            self.prefix_stats.queries += seq.num_tokens
-            self.prefix_stats.hits += len(hits) * self.block_size
         return hits, len(hits) * self.block_size
 
     def cache_computed_blocks(self, seq: Sequence) -> None:
@@ -154,6 +183,7 @@ class KVCacheManager:
             self._pending_copies.append((old_block.block_id, new_block.block_id))
             self.pool.free_blocks([old_block])
             blocks[idx] = new_block
+            self._replaced_from[seq.seq_id] = min(idx, self._replaced_from.get(seq.seq_id, idx))
         if num_new_blocks:
             new_blocks = self.pool.get_new_blocks(num_new_blocks)
             assert new_blocks is not None
@@ -192,6 +222,7 @@ class KVCacheManager:
         (shared ones just lose a reference; cached ones stay cached until evicted)."""
         blocks = self._blocks.pop(seq.seq_id)
         self._num_cached.pop(seq.seq_id, None)
+        self._forget_sent(seq.seq_id)
         host = [self._host_free.pop() for _ in blocks]
         self._pending_swap_out.extend((b.block_id, h) for b, h in zip(blocks, host))
         self._host_blocks[seq.seq_id] = host
@@ -220,6 +251,7 @@ class KVCacheManager:
         (`cache_computed_blocks`), so a failed step never leaves untrusted contents cached."""
         blocks = self._blocks.pop(seq.seq_id, None)
         self._num_cached.pop(seq.seq_id, None)
+        self._forget_sent(seq.seq_id)
         if blocks:
             self.pool.free_blocks(reversed(blocks))
         host = self._host_blocks.pop(seq.seq_id, None)
@@ -228,6 +260,7 @@ class KVCacheManager:
 
     def check_all_free(self) -> None:
         assert not self._blocks, f"sequences still hold blocks: {sorted(self._blocks)[:8]}"
+        assert not self._sent, f"the runner's view still holds sequences: {sorted(self._sent)[:8]}"
         assert not self._host_blocks, f"sequences still hold host blocks: {sorted(self._host_blocks)[:8]}"
         assert len(self._host_free) == self.num_host_blocks, (
             f"host pool holds {len(self._host_free)} of {self.num_host_blocks} blocks")

@@ -1,5 +1,8 @@
-"""The synchronous engine: add requests, `step()` until done. One step = schedule, execute,
-update, detokenize. `LLM` drives it for offline batches; `AsyncLLMEngine` runs it on a thread.
+"""The synchronous engine: the frontend pieces (validation and tokenization, the output
+processor) around an `EngineCore` (scheduler, KV cache manager, executor). One `step()` = the
+core's fold (schedule, execute, update), then detokenization and stop strings, whose aborts go
+back to the core. `LLM` drives it for offline batches on one thread; `AsyncLLMEngine` uses the
+same pieces with the core on its own thread.
 """
 
 from __future__ import annotations
@@ -10,17 +13,15 @@ import time
 from dataclasses import dataclass
 from typing import Any, Mapping, Union
 
-from pagedbackend.beam_search import BeamSearchGroup, BeamSearchParams
+from pagedbackend.beam_search import BeamSearchParams
 from pagedbackend.config import EngineArgs, EngineConfig
+from pagedbackend.engine_core import EngineCore
 from pagedbackend.errors import InvalidRequest
-from pagedbackend.kv_cache_manager import KVCacheManager
+from pagedbackend.executor import UniprocExecutor
 from pagedbackend.metrics import EngineStats
-from pagedbackend.model_runner import ModelRunner
-from pagedbackend.output_processor import OutputProcessor, RequestState
-from pagedbackend.outputs import RequestMetrics, RequestOutput
+from pagedbackend.output_processor import OutputProcessor
+from pagedbackend.outputs import RequestOutput
 from pagedbackend.sampling_params import SamplingParams
-from pagedbackend.scheduler import Scheduler
-from pagedbackend.sequence import Sequence, SequenceStatus
 from pagedbackend.tokenizer import load_tokenizer, max_token_chars
 
 logger = logging.getLogger(__name__)
@@ -48,20 +49,34 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, progress: bool = True) -> None:
         self.config = config
         self.tokenizer = load_tokenizer(config.tokenizer)
-        self.runner = ModelRunner(config, progress)
-        config.num_kv_blocks = self.runner.num_blocks
-        self.kv_cache_manager = KVCacheManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching,
-                                               self.runner.num_host_blocks)
-        self.scheduler = Scheduler(self.kv_cache_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.max_model_len, config.enable_chunked_prefill,
-                                   config.scheduling_policy, config.preemption_mode)
-        self.output_processor = OutputProcessor(self.tokenizer)
-        self.stats = EngineStats()
-        self._request_ids = itertools.count()
+        self.executor = UniprocExecutor(config, progress)
+        config.num_kv_blocks = self.executor.num_blocks
         self._eos_ids = self._eos_token_ids()
+        self.core = EngineCore(self.executor, block_size=config.block_size,
+                               enable_prefix_caching=config.enable_prefix_caching, max_num_seqs=config.max_num_seqs,
+                               max_num_batched_tokens=config.max_num_batched_tokens,
+                               max_model_len=config.max_model_len, enable_chunked_prefill=config.enable_chunked_prefill,
+                               scheduling_policy=config.scheduling_policy, preemption_mode=config.preemption_mode,
+                               eos_token_ids=self._eos_ids)
+        self.stats = EngineStats()
+        self.output_processor = OutputProcessor(self.tokenizer, self.stats)
+        self._request_ids = itertools.count()
         # A prompt longer than this many characters cannot fit max_model_len tokens (no token
         # covers more than max_token_chars characters); twice that leaves room for normalisers.
         self.max_prompt_chars = config.max_prompt_chars or 2 * max_token_chars(self.tokenizer) * config.max_model_len
+
+    # The parts, for tests and tools that look inside.
+    @property
+    def scheduler(self):
+        return self.core.scheduler
+
+    @property
+    def kv_cache_manager(self):
+        return self.core.kv_cache_manager
+
+    @property
+    def runner(self):
+        return self.executor.runner
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, progress: bool = True) -> "LLMEngine":
@@ -182,21 +197,15 @@ class LLMEngine:
         self.add_prepared(self.process_request(request_id, prompt, params, arrival_time, priority))
 
     def add_prepared(self, req: PreparedRequest) -> None:
-        """Queue a request that `process_request` accepted: sequences and bookkeeping only."""
-        self._check_new_request(req.request_id, req.priority)
-        params, ids = req.params, req.prompt_token_ids
-        seqs = []
-        for i in range(params.num_samples):
-            p = params.clone(_eos_token_ids=self._eos_ids,
-                             seed=None if params.seed is None else params.seed + i)
-            seq = Sequence(req.request_id, ids, p, req.arrival_time, index=i, priority=req.priority)
-            seq.bad_words_ids = req.bad_words_ids
-            seqs.append(seq)
-        self.scheduler.add_request(seqs)
-        op = self.output_processor
-        op.add(RequestState(req.request_id, req.prompt, ids, params, seqs,
-                            [op.make_detokenizer(ids, s.params) for s in seqs], RequestMetrics(req.arrival_time)))
-        self.stats.prompt_tokens += len(ids)
+        """Queue a request that `process_request` accepted: the output processor's state, then
+        the core's sequences."""
+        self.output_processor.add_request(req.request_id, req.prompt, req.prompt_token_ids, req.params,
+                                          req.arrival_time)
+        try:
+            self.core.add(req)
+        except BaseException:
+            self.output_processor.remove(req.request_id)
+            raise
 
     def add_beam_search_request(self, request_id: str, prompt: PromptType, params: BeamSearchParams,
                                 arrival_time: float | None = None, priority: int = 0) -> None:
@@ -204,26 +213,21 @@ class LLMEngine:
         arrives when the search is over, holding the best `beam_width` hypotheses."""
         if not isinstance(params, BeamSearchParams):
             raise InvalidRequest("params", f"params must be a BeamSearchParams, got {type(params).__name__}")
-        self._check_new_request(request_id, priority)
-        text, ids = self.tokenize_prompt(prompt)
-        eos = () if params.ignore_eos else self._eos_ids
-        seq_params = SamplingParams(temperature=0.0, max_tokens=params.max_tokens, ignore_eos=params.ignore_eos,
-                                    include_stop_str_in_output=params.include_stop_str_in_output,
-                                    _eos_token_ids=self._eos_ids)
-        arrival = arrival_time if arrival_time is not None else time.monotonic()
-        seq = Sequence(request_id, ids, seq_params, arrival, priority=priority)
-        group = BeamSearchGroup(params, len(ids), frozenset(eos), self.config.max_model_len)
-        group.start(seq)
-        self.scheduler.add_request([seq])
-        self.output_processor.add(RequestState(request_id, text, ids, seq_params, [seq], [], RequestMetrics(arrival),
-                                               beam_group=group))
-        self.stats.prompt_tokens += len(ids)
-
-    def _check_new_request(self, request_id: str, priority: int) -> None:
-        if request_id in self.output_processor.states:
-            raise InvalidRequest("request_id", f"request_id {request_id!r} is already in use")
         if isinstance(priority, bool) or not isinstance(priority, int):
             raise InvalidRequest("priority", f"priority must be an integer, got {priority!r}")
+        if params.beam_width > self.config.max_num_seqs:
+            raise InvalidRequest("beam_width", f"beam_width={params.beam_width} exceeds max_num_seqs="
+                                               f"{self.config.max_num_seqs}")
+        text, ids = self.tokenize_prompt(prompt)
+        arrival = arrival_time if arrival_time is not None else time.monotonic()
+        seq_params = SamplingParams(temperature=0.0, max_tokens=params.max_tokens, ignore_eos=params.ignore_eos,
+                                    include_stop_str_in_output=params.include_stop_str_in_output)
+        self.output_processor.add_request(request_id, text, ids, seq_params, arrival, beam_search=True)
+        try:
+            self.core.add_beam_search(request_id, ids, params, arrival, priority)
+        except BaseException:
+            self.output_processor.remove(request_id)
+            raise
 
     def _bad_words_ids(self, words: list[str]) -> list[list[int]]:
         """Token sequences of each bad word as it appears at the start of the text and after a
@@ -240,73 +244,28 @@ class LLMEngine:
     def abort_request(self, request_id: str) -> RequestOutput | None:
         """End a request now and free its blocks; returns its final output (finish_reason
         "abort"), or None if it is unknown or already finished."""
-        if not self.scheduler.finish_request(request_id, SequenceStatus.FINISHED_ABORTED):
+        if not self.core.abort(request_id):
             return None
-        out = self.output_processor.finish_without_token(request_id)
-        if out is not None and out.finished:
-            self.stats.record_finished(out)
-        return out
+        outputs = self._process(self.core.take_outputs())
+        return next((o for o in outputs if o.request_id == request_id and o.finished), None)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
+        return self.core.has_unfinished()
 
     # ------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
-        sched_out = self.scheduler.schedule()
-        if sched_out.is_empty:
-            self.runner.sampler.forget(sched_out.finished_seq_ids)
-            return []
-        try:
-            sampled = self.runner.execute(sched_out)
-        except Exception as e:  # fail this step's requests, keep serving the rest
-            logger.exception("step failed; failing %d request(s)", len(sched_out.scheduled))
-            outputs = []
-            for request_id in self.scheduler.fail_step(sched_out):
-                out = self.output_processor.finish_without_token(request_id, f"{type(e).__name__}: {e}")
-                if out is not None:
-                    self.stats.record_finished(out)
-                    outputs.append(out)
-            return outputs
-        self.stats.steps += 1
-        updated = self.scheduler.update_from_output(sched_out, sampled)
-        self.stats.generation_tokens += len(updated)
-        outputs = self.output_processor.process(updated, self.scheduler)
-        for out in outputs:
-            if out.finished:
-                self.stats.record_finished(out)
+        return self._process(self.core.step())
+
+    def _process(self, core_outputs) -> list[RequestOutput]:
+        outputs, aborts = self.output_processor.process(core_outputs)
+        if aborts:  # stop strings: the frontend's stop decisions go back to the core
+            self.core.abort_seqs(aborts)
         return outputs
 
     # ------------------------------------------------------------------ stats
     def get_stats(self) -> dict[str, Any]:
-        sched = self.scheduler.stats
-        kv = self.kv_cache_manager
-        running = {s.request_id for s in self.scheduler.running}
-        return {
-            "kv_cache_usage": kv.usage,
-            "num_kv_blocks": kv.num_blocks,
-            "num_free_blocks": kv.num_free_blocks,
-            "num_running_requests": len(running),
-            "num_waiting_requests": len(self.scheduler.requests) - len(running),
-            "num_running": len(self.scheduler.running),  # sequences
-            "num_waiting": len(self.scheduler.waiting),
-            "num_preemptions": sched.num_preemptions,
-            "num_swapped": len(self.scheduler.swapped),
-            "num_swapped_out": sched.num_swapped_out,
-            "num_swapped_in": sched.num_swapped_in,
-            "num_free_host_blocks": kv.num_free_host_blocks,
-            "last_batch_seqs": sched.last_batch_seqs,
-            "max_batch_seqs": sched.max_batch_seqs,
-            "num_chunked_prefill_steps": sched.num_chunked_prefill_steps,
-            "prefix_cache_queries": kv.prefix_stats.queries,
-            "prefix_cache_hits": kv.prefix_stats.hits,
-            "prefix_cache_hit_rate": kv.prefix_stats.hit_rate,
-            "prompt_tokens": self.stats.prompt_tokens,
-            "generation_tokens": self.stats.generation_tokens,
-            "steps": self.stats.steps,
-            "requests_finished": dict(self.stats.requests_finished),
-            "time_to_first_token_seconds": _histogram_dict(self.stats.ttft_histogram),
-            "time_per_output_token_seconds": _histogram_dict(self.stats.tpot_histogram),
-        }
+        """The core's counters and gauges, and the frontend's finished-request statistics."""
+        return {**self.core.stats(), **self.stats.snapshot()}
 
     def reset_prefix_cache(self) -> bool:
         """Drop the prefix cache (vLLM's name); False, changing nothing, while requests run."""
@@ -316,6 +275,3 @@ class LLMEngine:
         """AssertionError unless no request holds a block (tests call this after every run)."""
         self.scheduler.check_all_free()
 
-
-def _histogram_dict(h) -> dict[str, Any]:
-    return {"buckets": list(h.bounds), "cumulative_counts": h.cumulative(), "sum": h.total, "count": h.count}

@@ -14,6 +14,10 @@ from pagedbackend.outputs import RequestOutput
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 
 
+# Every finish_reason a sample can end with (vLLM's, plus "error" for a failed step).
+FINISH_REASONS = ("stop", "length", "abort", "error")
+
+
 @dataclass(frozen=True)
 class Metric:
     """One exported number: `key` in `LLMEngine.get_stats()`, `kind` gauge / counter
@@ -59,6 +63,16 @@ METRICS: tuple[Metric, ...] = (
     Metric("prompt_tokens", "counter", "count", "Prompt tokens received.", "prompt_tokens_total", "PromptTokens"),
     Metric("generation_tokens", "counter", "count", "Tokens generated.", "generation_tokens_total",
            "GeneratedTokens"),
+    Metric("num_kv_blocks", "gauge", "count", "KV-cache blocks in the pool.", "num_kv_blocks", "KVBlocks"),
+    Metric("steps", "counter", "count", "Engine steps that computed tokens.", "steps_total", "EngineSteps"),
+    Metric("num_chunked_prefill_steps", "counter", "count", "Steps that computed part, not all, of a prompt.",
+           "chunked_prefill_steps_total", "ChunkedPrefillSteps"),
+    Metric("prefix_cache_queries", "counter", "count", "Prompt tokens looked up in the prefix cache (once per request).",
+           "prefix_cache_queries_total", "PrefixCacheQueries"),
+    Metric("prefix_cache_hits", "counter", "count", "Of those, tokens found in the cache.", "prefix_cache_hits_total",
+           "PrefixCacheHits"),
+    *(Metric(f"requests_finished_{reason}", "counter", "count", f"Samples finished with finish_reason {reason!r}.",
+             f"requests_finished_{reason}_total", f"Finished{reason.capitalize()}") for reason in FINISH_REASONS),
     Metric("time_to_first_token_seconds", "histogram", "s", "Arrival to first token.",
            "time_to_first_token_seconds", "TimeToFirstTokenSeconds"),
     Metric("time_per_output_token_seconds", "histogram", "s", "Mean time between tokens, per request.",
@@ -80,6 +94,10 @@ class Histogram:
         self.total += value
         self.count += 1
 
+    def as_dict(self) -> dict:
+        return {"buckets": list(self.bounds), "cumulative_counts": self.cumulative(), "sum": self.total,
+                "count": self.count}
+
     def cumulative(self) -> list[int]:
         out, running = [], 0
         for c in self.counts:
@@ -90,15 +108,11 @@ class Histogram:
 
 @dataclass
 class EngineStats:
-    prompt_tokens: int = 0
-    generation_tokens: int = 0
-    requests_finished: collections.Counter = field(default_factory=collections.Counter)
-    # Recent per-request latencies (seconds); bounded so a long-running server stays small.
-    time_to_first_token: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
-    time_per_output_token: collections.deque = field(default_factory=lambda: collections.deque(maxlen=4096))
+    """What the frontend learns from finished requests (the core counts tokens and blocks)."""
+
+    requests_finished: collections.Counter = field(default_factory=collections.Counter)  # finish_reason ->
     ttft_histogram: Histogram = field(default_factory=Histogram)
     tpot_histogram: Histogram = field(default_factory=Histogram)
-    steps: int = 0
 
     def record_finished(self, out: RequestOutput) -> None:
         for c in out.outputs:
@@ -107,8 +121,13 @@ class EngineStats:
         if m is None:
             return
         if m.time_to_first_token is not None:
-            self.time_to_first_token.append(m.time_to_first_token)
             self.ttft_histogram.observe(m.time_to_first_token)
         if m.time_per_output_token is not None:
-            self.time_per_output_token.append(m.time_per_output_token)
             self.tpot_histogram.observe(m.time_per_output_token)
+
+    def snapshot(self) -> dict:
+        return {
+            **{f"requests_finished_{r}": self.requests_finished[r] for r in FINISH_REASONS},
+            "time_to_first_token_seconds": self.ttft_histogram.as_dict(),
+            "time_per_output_token_seconds": self.tpot_histogram.as_dict(),
+        }

@@ -1,8 +1,10 @@
 """Executes one scheduled step: flattened inputs -> model -> logits of sampling rows -> tokens.
 
-Owns the model, the KV cache tensors and the sampler. It knows one batch at a time and
-nothing about queues or frameworks. Sequences computing a single token are placed first so the
-attention backend can batch them as decodes; sampled tokens come back in the scheduler's order.
+Owns the model, the KV cache tensors, the sampler and the persistent batch (`InputBatch`):
+the step's plain-data diffs update the batch, the inputs are gathered from it, and the tokens
+it samples are appended to it. It knows nothing about queues, requests' text or frameworks.
+Sequences computing a single token are placed first so the attention backend can batch them
+as decodes; sampled tokens come back in the scheduler's order.
 """
 
 from __future__ import annotations
@@ -16,10 +18,11 @@ import torch
 from pagedbackend.attention import get_attention_backend
 from pagedbackend.attention.metadata import AttentionMetadata
 from pagedbackend.config import EngineConfig
+from pagedbackend.input_batch import InputBatch, StepInputs
 from pagedbackend.kernels.layout import kv_cache_shape
 from pagedbackend.models.loader import load_model
-from pagedbackend.sampler import Sampler, SamplerOutput, gather_logprobs
-from pagedbackend.scheduler import SchedulerOutput
+from pagedbackend.sampler import Sampler, SamplingBatch, gather_logprobs
+from pagedbackend.step import RunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +66,7 @@ class ModelRunner:
                                           pin_memory=self.device.type == "cuda")
             logger.info("swap space: %d host blocks (%.1f GiB)", self.num_host_blocks, config.swap_space)
         self.sampler = Sampler(self.device, config.seed)
+        self.batch = InputBatch(config.max_num_seqs, config.max_model_len, self.block_size, self.vocab_size)
 
     @property
     def bytes_per_block(self) -> int:
@@ -94,10 +98,11 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ step
     @torch.inference_mode()
-    def execute(self, out: SchedulerOutput) -> SamplerOutput:
-        """Run one step: block moves first (swap out, swap in, copy-on-write), then the forward
-        pass; returns one sampled token per entry of `out.sampling_sequences()`."""
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        """Run one step: apply the step's diffs to the batch, block moves (swap out, swap in,
+        copy-on-write), then the forward pass; one result row per sampled sequence."""
         self.sampler.forget(out.finished_seq_ids)
+        self.batch.apply(out)
         if out.blocks_to_swap_out:
             _copy_between(self.kv_cache, self.host_cache, out.blocks_to_swap_out)
         if out.blocks_to_swap_in:
@@ -105,16 +110,55 @@ class ModelRunner:
         if out.blocks_to_copy:
             self.backend.copy_blocks(self.kv_cache, out.blocks_to_copy)
         if not out.scheduled:
-            return SamplerOutput([], [], [])
-        input_ids, positions, meta, logits_indices, prompt_rows = self._prepare(out)
+            return RunnerOutput.empty()
+        step = self.batch.prepare(out)
+        input_ids, positions, meta = self._tensors(step)
         self.backend.prepare(meta, self.kv_caches[0][0])
         hidden = self.model(input_ids, positions, meta)
-        logits = self.model.compute_logits(hidden[logits_indices])
-        seqs = out.sampling_sequences()
-        result = self.sampler(logits, self.sampler.make_batch(seqs, logits.shape[-1]))
-        if prompt_rows:
-            result.prompt_logprobs = self._prompt_logprobs(hidden, prompt_rows)
+        logits = self.model.compute_logits(hidden[torch.from_numpy(step.logits_indices).to(self.device)])
+        seq_ids = out.sampled_seq_ids()
+        sampled = self.sampler(logits, self._sampling_batch(out, step, seq_ids))
+        self._append_sampled(out, step, sampled.tokens)
+        result = RunnerOutput(seq_ids, [[] if beam is not None else [t]
+                                        for t, beam in zip(sampled.tokens, sampled.beam_candidates)],
+                              [None if lp is None else [lp] for lp in sampled.logprobs], sampled.beam_candidates)
+        if step.prompt_rows:
+            result.prompt_logprobs = self._prompt_logprobs(hidden, step.prompt_rows)
         return result
+
+    def _sampling_batch(self, out: SchedulerOutput, step: StepInputs, seq_ids: list[int]) -> SamplingBatch:
+        """Each sampled row's settings gathered from its slot; a fork samples from its parent's
+        slot with its own params (seed). Only special rows are looked at one by one."""
+        b = self.batch
+        slots = step.sample_slots
+        special = []
+        fork_params = {f.seq_id: f.params for it in out.scheduled if it.sample for f in it.forks}
+        for row, (slot, seq_id) in enumerate(zip(slots.tolist(), seq_ids)):
+            params = fork_params.get(seq_id)
+            if params is None:
+                if slot not in b.special:
+                    continue
+                params = b.params[slot]
+            special.append((row, b.row_view(slot, seq_id, params)))
+        return self.sampler.build_batch(b.temperature[slots], b.top_k[slots], b.top_p[slots], b.min_p[slots],
+                                        b.greedy[slots], special, self.vocab_size)
+
+    def _append_sampled(self, out: SchedulerOutput, step: StepInputs, tokens: list[int]) -> None:
+        """Append each sequence's own sampled token to its slot (forks enter the batch as new
+        sequences later, with their token; beams get theirs from the scheduler's decision)."""
+        slots, values = [], []
+        row = 0
+        b = self.batch
+        for it in out.scheduled:
+            if not it.sample:
+                continue
+            slot = int(step.sample_slots[row])
+            if not b.beam_k[slot]:
+                slots.append(slot)
+                values.append(tokens[row])
+            row += 1 + len(it.forks)
+        if slots:
+            b.append_sampled(np.asarray(slots, dtype=np.int64), np.asarray(values, dtype=np.int32))
 
     def _prompt_logprobs(self, hidden: torch.Tensor, prompt_rows: list[tuple[int, list[int], list[int], int]]):
         """Logprob of each prompt token given the ones before it, from this chunk's hidden
@@ -129,77 +173,23 @@ class ModelRunner:
             start += len(rows)
         return result
 
-    def _prepare(self, out: SchedulerOutput):
-        items = out.scheduled
-        # Decodes first, shortest context first: backends batch them in length-sorted chunks.
-        order = sorted((i for i, it in enumerate(items) if it.num_new_tokens == 1),
-                       key=lambda i: items[i].seq.num_computed_tokens)
-        num_decodes = len(order)
-        order += [i for i, it in enumerate(items) if it.num_new_tokens != 1]
-
-        input_ids: list[int] = []
-        q_lens = np.empty(len(order), dtype=np.int64)
-        ctx_lens = np.empty(len(order), dtype=np.int64)
-        max_blocks = max(len(it.block_ids) for it in items)
-        block_tables = np.zeros((len(order), max_blocks), dtype=np.int64)
-        for row, i in enumerate(order):
-            it = items[i]
-            start = it.seq.num_computed_tokens
-            n = it.num_new_tokens
-            if n == 1:
-                input_ids.append(it.seq.token_ids[start])
-            else:
-                input_ids.extend(it.seq.token_ids[start:start + n])
-            q_lens[row] = n
-            ctx_lens[row] = start
-            block_tables[row, :len(it.block_ids)] = it.block_ids
-
-        query_start = np.zeros(len(order) + 1, dtype=np.int64)
-        np.cumsum(q_lens, out=query_start[1:])
-        num_tokens = int(query_start[-1])
-        seq_of_token = np.repeat(np.arange(len(order)), q_lens)
-        positions = np.arange(num_tokens) - query_start[seq_of_token] + ctx_lens[seq_of_token]
-        bs = self.block_size
-        slots = block_tables[seq_of_token, positions // bs] * bs + positions % bs
-        seq_lens = ctx_lens + q_lens
-
-        # Logit rows in the scheduler's sampling order; a fork reuses its parent's row.
-        row_of_item = np.empty(len(items), dtype=np.int64)
-        row_of_item[order] = np.arange(len(order))
-        logits_indices = []
-        prompt_rows = []  # (seq_id, flat token rows, the prompt tokens they predict, top-k)
-        for i, it in enumerate(items):
-            if it.sample:
-                last = int(query_start[row_of_item[i] + 1]) - 1
-                logits_indices.extend([last] * (1 + len(it.fork_children)))
-            seq = it.seq
-            if seq.wants_prompt_logprobs:
-                # Positions p predicting prompt token p + 1 not yet recorded (a recompute after
-                # preemption does not record them twice).
-                first = max(seq.num_computed_tokens, len(seq.prompt_logprobs) - 1)
-                end = min(seq.num_computed_tokens + it.num_new_tokens, seq.prompt_len - 1)
-                if first < end:
-                    base = int(query_start[row_of_item[i]]) - seq.num_computed_tokens
-                    prompt_rows.append((seq.seq_id, list(range(base + first, base + end)),
-                                        seq.token_ids[first + 1:end + 1], seq.params.prompt_logprobs))
-
+    def _tensors(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """The step's arrays as device tensors, one copy each."""
         dev = self.device
         meta = AttentionMetadata(
-            num_decodes=num_decodes,
-            num_seqs=len(order),
-            num_tokens=num_tokens,
-            slot_mapping=torch.from_numpy(slots).to(dev),
-            query_start_loc=torch.from_numpy(query_start.astype(np.int32)).to(dev),
-            seq_lens=torch.from_numpy(seq_lens.astype(np.int32)).to(dev),
-            block_tables=torch.from_numpy(block_tables.astype(np.int32)).to(dev),
-            max_query_len=int(q_lens.max()),
-            max_seq_len=int(seq_lens.max()),
-            query_start_loc_host=query_start.tolist(),
-            seq_lens_host=seq_lens.tolist(),
+            num_decodes=step.num_decodes,
+            num_seqs=len(step.seq_lens),
+            num_tokens=len(step.input_ids),
+            slot_mapping=torch.from_numpy(step.slot_mapping).to(dev),
+            query_start_loc=torch.from_numpy(step.query_start_loc.astype(np.int32)).to(dev),
+            seq_lens=torch.from_numpy(step.seq_lens.astype(np.int32)).to(dev),
+            block_tables=torch.from_numpy(step.block_tables).to(dev),
+            max_query_len=int((step.query_start_loc[1:] - step.query_start_loc[:-1]).max()),
+            max_seq_len=int(step.seq_lens.max()),
+            query_start_loc_host=step.query_start_loc.tolist(),
+            seq_lens_host=step.seq_lens.tolist(),
         )
-        return (torch.tensor(input_ids, dtype=torch.long, device=dev),
-                torch.from_numpy(positions).to(dev), meta,
-                torch.tensor(logits_indices, dtype=torch.long, device=dev), prompt_rows)
+        return torch.from_numpy(step.input_ids).to(dev), torch.from_numpy(step.positions).to(dev), meta
 
 
 def _copy_between(src: torch.Tensor, dst: torch.Tensor, pairs: list[tuple[int, int]]) -> None:

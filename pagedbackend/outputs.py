@@ -57,7 +57,6 @@ class RequestMetrics:
     """Timestamps (time.monotonic) of one request's life, for TTFT / TPOT."""
 
     arrival_time: float
-    first_scheduled_time: float | None = None
     first_token_time: float | None = None
     last_token_time: float | None = None
     finished_time: float | None = None

@@ -16,10 +16,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from itertools import chain
+from typing import Any
 
+import numpy as np
 import torch
 
-from pagedbackend.sequence import Sequence
+from pagedbackend.step import TokenLogprobs
+
+__all__ = ["Sampler", "SamplerOutput", "SamplingBatch", "TokenLogprobs", "apply_penalties", "gather_logprobs"]
 
 
 @dataclass
@@ -37,20 +41,10 @@ class SamplingBatch:
     allowed_rows: list[int]
     bias: tuple[list[int], list[int], list[float]]
     penalty_rows: list[int]
-    seeded_rows: list[tuple[int, Sequence]]
+    seeded_rows: list[tuple[int, Any]]
     logprob_rows: list[tuple[int, int]]  # (row, top-k) rows reporting the chosen token's logprob
     beam_rows: list[tuple[int, int]]  # (row, K) rows returning their K best next tokens instead
-    seqs: list[Sequence] = field(default_factory=list)
-
-
-@dataclass
-class TokenLogprobs:
-    """The chosen token's raw logprob and rank, and the top-k alternatives."""
-
-    token: int
-    logprob: float
-    rank: int
-    top: dict[int, tuple[float, int]]  # token -> (logprob, rank)
+    views: dict[int, Any] = field(default_factory=dict)  # row -> sequence-like view (special rows)
 
 
 @dataclass
@@ -75,24 +69,34 @@ class Sampler:
         for seq_id in seq_ids:
             self._seq_generators.pop(seq_id, None)
 
-    def make_batch(self, seqs: list[Sequence], vocab_size: int) -> SamplingBatch:
+    def make_batch(self, seqs: list[Any], vocab_size: int) -> SamplingBatch:
+        """From sequence-like rows (`Sequence`, `RowView`): every row read one by one."""
         temps, top_k, top_p, min_p, greedy = [], [], [], [], []
+        for seq in seqs:
+            p = seq.params
+            greedy.append(p.is_greedy)
+            temps.append(1.0 if p.is_greedy else p.temperature)
+            top_k.append(p.top_k if 0 < p.top_k < vocab_size else vocab_size)
+            top_p.append(p.top_p)
+            min_p.append(p.min_p)
+        return self.build_batch(np.asarray(temps, dtype=np.float32), np.asarray(top_k, dtype=np.int64),
+                                np.asarray(top_p, dtype=np.float32), np.asarray(min_p, dtype=np.float32),
+                                np.asarray(greedy, dtype=np.bool_), list(enumerate(seqs)), vocab_size)
+
+    def build_batch(self, temps: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray,
+                    greedy: np.ndarray, special: list[tuple[int, Any]], vocab_size: int) -> SamplingBatch:
+        """Per-row arrays for every row, plus the rows that need more than temperature and
+        filters (masks, bias, penalties, seeds, logprobs, beams), as sequence-like views."""
         banned: tuple[list[int], list[int]] = ([], [])
         allowed: tuple[list[int], list[int]] = ([], [])
         allowed_rows: list[int] = []
         bias: tuple[list[int], list[int], list[float]] = ([], [], [])
         penalty_rows, seeded, logprob_rows, beam_rows = [], [], [], []
-        for row, seq in enumerate(seqs):
+        for row, seq in special:
             p = seq.params
-            if seq.beam_group is not None:
+            if seq.beam_k:
                 beam_rows.append((row, seq.beam_k))
-            g = p.is_greedy
-            greedy.append(g)
-            temps.append(1.0 if g else p.temperature)
-            top_k.append(p.top_k if 0 < p.top_k < vocab_size else vocab_size)
-            top_p.append(p.top_p)
-            min_p.append(p.min_p)
-            if seq.num_output_tokens < p.min_tokens:
+            if p.min_tokens and seq.num_output_tokens < p.min_tokens:
                 for t in p.all_stop_token_ids:
                     if t < vocab_size:
                         banned[0].append(row)
@@ -116,20 +120,21 @@ class Sampler:
                         bias[2].append(b)
             if p.has_penalties:
                 penalty_rows.append(row)
-            if not g and p.seed is not None:
+            if not p.is_greedy and p.seed is not None:
                 seeded.append((row, seq))
             if seq.wants_logprobs:
                 logprob_rows.append((row, p.logprobs or 0))
         dev = self.device
         return SamplingBatch(
-            temperatures=torch.tensor(temps, device=dev, dtype=torch.float32),
-            top_k=torch.tensor(top_k, device=dev) if any(k < vocab_size for k in top_k) else None,
-            top_p=torch.tensor(top_p, device=dev, dtype=torch.float32) if any(x < 1.0 for x in top_p) else None,
-            min_p=torch.tensor(min_p, device=dev, dtype=torch.float32) if any(x > 0.0 for x in min_p) else None,
-            greedy=torch.tensor(greedy, device=dev),
-            all_greedy=all(greedy),
+            temperatures=torch.from_numpy(temps).to(dev),
+            top_k=torch.from_numpy(top_k).to(dev) if (top_k < vocab_size).any() else None,
+            top_p=torch.from_numpy(top_p).to(dev) if (top_p < 1.0).any() else None,
+            min_p=torch.from_numpy(min_p).to(dev) if (min_p > 0.0).any() else None,
+            greedy=torch.from_numpy(greedy).to(dev),
+            all_greedy=bool(greedy.all()),
             banned=banned, allowed=allowed, allowed_rows=allowed_rows, bias=bias, penalty_rows=penalty_rows,
-            seeded_rows=seeded, logprob_rows=logprob_rows, beam_rows=beam_rows, seqs=seqs,
+            seeded_rows=seeded, logprob_rows=logprob_rows, beam_rows=beam_rows,
+            views={row: seq for row, seq in special if seq.params.has_penalties},
         )
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
@@ -178,7 +183,7 @@ class Sampler:
                                torch.tensor(batch.bias[1], device=logits.device)), values, accumulate=True)
         if batch.penalty_rows:
             rows = torch.tensor(batch.penalty_rows, device=logits.device)
-            seqs = [batch.seqs[r] for r in batch.penalty_rows]
+            seqs = [batch.views[r] for r in batch.penalty_rows]
             logits[rows] = apply_penalties(logits[rows], seqs)
         return logits
 
@@ -203,7 +208,7 @@ class Sampler:
         return (probs / noise).argmax(dim=-1)
 
 
-def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, seqs: list[Any]) -> torch.Tensor:
     """Presence and frequency penalties count generated tokens (OpenAI); the repetition
     penalty applies to every token seen in prompt or output, dividing positive logits and
     multiplying negative ones (transformers' RepetitionPenaltyLogitsProcessor)."""

@@ -17,55 +17,19 @@ and back, falling back to recompute when the host pool is full and for beams.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from pagedbackend.beam_search import BeamSearchGroup
-from pagedbackend.config import PREEMPTION_MODES, SCHEDULING_POLICIES
 from pagedbackend.errors import InvalidRequest
 from pagedbackend.kv_cache_manager import KVCacheManager
-from pagedbackend.sampler import SamplerOutput, TokenLogprobs
 from pagedbackend.sequence import Sequence, SequenceStatus
+from pagedbackend.step import (BeamHypothesis, ForkSeq, NewSeq, RequestDone, RunnerOutput, ScheduledSeq,
+                               SchedulerOutput, SeqOutput, TokenLogprobs)
 
-
-
-@dataclass
-class ScheduledSequence:
-    seq: Sequence
-    num_new_tokens: int
-    block_ids: list[int]
-    # True when this step computes the sequence's last known token, so its logits are sampled.
-    sample: bool
-    # Samples 2..n of the request, forked from this sequence's logits after its prefill.
-    fork_children: list[Sequence] = field(default_factory=list)
-
-
-@dataclass
-class SchedulerOutput:
-    scheduled: list[ScheduledSequence]
-    blocks_to_copy: list[tuple[int, int]]
-    finished_seq_ids: list[int]  # finished since the previous output: drop their per-seq state
-    preempted: list[Sequence]
-    blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device, host)
-    blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host, device)
-
-    @property
-    def num_batched_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
-
-    @property
-    def is_empty(self) -> bool:
-        """Nothing to compute and no block to move: the model runner can be skipped."""
-        return not (self.scheduled or self.blocks_to_copy or self.blocks_to_swap_out or self.blocks_to_swap_in)
-
-    def sampling_sequences(self) -> list[Sequence]:
-        """One entry per sampled token, in the order the model runner returns them; forked
-        children reuse their parent's logits row."""
-        rows: list[Sequence] = []
-        for item in self.scheduled:
-            if item.sample:
-                rows.append(item.seq)
-                rows.extend(item.fork_children)
-        return rows
+SCHEDULING_POLICIES = ("fcfs", "priority")
+PREEMPTION_MODES = ("recompute", "swap")
+# What `update` hands the frontend.
+CoreOutput = SeqOutput | RequestDone
 
 
 def _parked(seq: Sequence) -> bool:
@@ -112,8 +76,13 @@ class Scheduler:
         self.swapped: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.requests: dict[str, list[Sequence]] = {}
-        self._finished_seq_ids: list[int] = []
         self.stats = SchedulerStats()
+        # What the runner's persistent batch holds, and what it must be told next step.
+        self._seqs: dict[int, Sequence] = {}  # every live sequence, by id
+        self._in_runner: set[int] = set()
+        self._removed: list[int] = []  # left the runner's batch since the last step
+        self._finished_seq_ids: list[int] = []
+        self._runner_tokens: dict[int, list[int]] = {}  # appended here, unknown to the runner (beams)
 
     # ---------------------------------------------------------------- requests
     def add_request(self, seqs: list[Sequence]) -> None:
@@ -127,7 +96,12 @@ class Scheduler:
             raise InvalidRequest("beam_width", f"beam_width={first.beam_group.width} exceeds max_num_seqs={self.max_num_seqs}")
         first.fork_children = children
         self.requests[first.request_id] = list(seqs)
+        for seq in seqs:
+            self._seqs[seq.seq_id] = seq
         self._enqueue(self.waiting, first)
+
+    def seq(self, seq_id: int) -> Sequence | None:
+        return self._seqs.get(seq_id)
 
     def _key(self, seq: Sequence) -> tuple:
         """Serving order: lower first. Under fcfs only arrival counts."""
@@ -158,26 +132,40 @@ class Scheduler:
                 self._finish(seq, status)
         return ended
 
-    def finish_sequence(self, seq: Sequence, status: SequenceStatus,
-                        stop_reason: int | str | None = None) -> None:
-        """End one sequence (used by the engine for stop strings)."""
-        if not seq.is_finished:
-            seq.stop_reason = stop_reason
-            self._finish(seq, status)
+    def abort_seqs(self, seq_ids: list[int]) -> list[str]:
+        """End single sequences the frontend stopped (a stop string found in their text);
+        returns the requests that are over as a result."""
+        over = []
+        for seq_id in seq_ids:
+            seq = self._seqs.get(seq_id)
+            if seq is not None and not seq.is_finished:
+                self._finish(seq, SequenceStatus.FINISHED_ABORTED)
+                if seq.request_id not in self.requests:
+                    over.append(seq.request_id)
+        return over
 
     def _finish(self, seq: Sequence, status: SequenceStatus) -> None:
         self._unqueue(seq)
         seq.status = status
         self.kv.free(seq)
+        self._leave_runner(seq)
         self._finished_seq_ids.append(seq.seq_id)
+        self._seqs.pop(seq.seq_id, None)
         for child in seq.fork_children:  # never forked: they end with their parent
             if not child.is_finished:
                 child.status = status
                 self._finished_seq_ids.append(child.seq_id)
+                self._seqs.pop(child.seq_id, None)
         seq.fork_children = []
         seqs = self.requests.get(seq.request_id)
         if seqs is not None and all(s.is_finished for s in seqs):
             del self.requests[seq.request_id]
+
+    def _leave_runner(self, seq: Sequence) -> None:
+        if seq.seq_id in self._in_runner:
+            self._in_runner.discard(seq.seq_id)
+            self._removed.append(seq.seq_id)
+        self._runner_tokens.pop(seq.seq_id, None)
 
     def _unqueue(self, seq: Sequence) -> None:
         if seq.status == SequenceStatus.RUNNING:
@@ -190,7 +178,8 @@ class Scheduler:
     # ---------------------------------------------------------------- schedule
     def schedule(self) -> SchedulerOutput:
         budget = self.max_num_batched_tokens
-        scheduled: list[ScheduledSequence] = []
+        out = SchedulerOutput([])
+        scheduled = out.scheduled
         preempted: list[Sequence] = []
         made_room: list[Sequence] = []
         if self.policy == "priority":
@@ -212,7 +201,7 @@ class Scheduler:
                     break
             if seq.status != SequenceStatus.RUNNING:
                 break  # it preempted itself: nothing younger is left to schedule
-            scheduled.append(self._scheduled(seq, num_new))
+            scheduled.append(self._scheduled(seq, num_new, out))
             budget -= num_new
             i += 1
         # Running sequences ran out of blocks: admitting more now would only thrash.
@@ -234,7 +223,7 @@ class Scheduler:
                 self.running.append(seq)
                 self.stats.num_swapped_in += 1
                 if num_new:
-                    scheduled.append(self._scheduled(seq, num_new))
+                    scheduled.append(self._scheduled(seq, num_new, out))
                     budget -= num_new
 
         if not grew_out_of_blocks:
@@ -254,12 +243,13 @@ class Scheduler:
                 if not self.kv.allocate_slots(seq, num_new, hits):
                     break
                 self.waiting.remove(seq)
-                if seq.num_cached_tokens < 0:
+                if seq.status == SequenceStatus.WAITING:  # its first admission: count the prompt once
                     seq.num_cached_tokens = num_hit_tokens
+                    self.kv.prefix_stats.record(seq.num_tokens, num_hit_tokens)
                 seq.num_computed_tokens = num_hit_tokens
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
-                scheduled.append(self._scheduled(seq, num_new))
+                scheduled.append(self._scheduled(seq, num_new, out))
                 budget -= num_new
 
         if not scheduled and not preempted and self.waiting and self.running and all(_parked(s) for s in self.running):
@@ -270,9 +260,11 @@ class Scheduler:
             self._preempt(victim)
             preempted.append(victim)
 
-        finished, self._finished_seq_ids = self._finished_seq_ids, []
-        swap_out, swap_in = self.kv.take_pending_swaps()
-        out = SchedulerOutput(scheduled, self.kv.take_pending_copies(), finished, preempted, swap_out, swap_in)
+        out.finished_seq_ids, self._finished_seq_ids = self._finished_seq_ids, []
+        out.removed_seq_ids, self._removed = self._removed, []
+        out.blocks_to_swap_out, out.blocks_to_swap_in = self.kv.take_pending_swaps()
+        out.blocks_to_copy = self.kv.take_pending_copies()
+        out.preempted_seq_ids = [s.seq_id for s in preempted]
         self._record(out)
         return out
 
@@ -301,10 +293,25 @@ class Scheduler:
             preempted.append(victim)
         return preempted
 
-    def _scheduled(self, seq: Sequence, num_new: int) -> ScheduledSequence:
+    def _scheduled(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> ScheduledSeq:
+        """The step's entry for `seq`, and what the runner's batch must learn about it: all of
+        it if the runner does not hold it, else only its new blocks and tokens."""
         sample = seq.num_computed_tokens + num_new == seq.num_tokens
-        children = seq.fork_children if sample else []
-        return ScheduledSequence(seq, num_new, self.kv.block_ids(seq), sample, children)
+        forks = [ForkSeq(c.seq_id, c.params) for c in seq.fork_children] if sample else []
+        if seq.seq_id not in self._in_runner:
+            self._in_runner.add(seq.seq_id)
+            self._runner_tokens.pop(seq.seq_id, None)
+            out.new_seqs.append(NewSeq(seq.seq_id, seq.request_id, list(seq.token_ids), seq.prompt_len, seq.params,
+                                       self.kv.runner_blocks(seq), seq.bad_words_ids, seq.beam_k,
+                                       seq.num_prompt_logprobs))
+        else:
+            update = self.kv.block_update(seq)
+            if update is not None:
+                out.block_updates[seq.seq_id] = update
+            tokens = self._runner_tokens.pop(seq.seq_id, None)
+            if tokens:
+                out.new_token_ids[seq.seq_id] = tokens
+        return ScheduledSeq(seq.seq_id, seq.request_id, seq.num_computed_tokens, num_new, sample, forks)
 
     def _pick_victim(self) -> Sequence:
         """The last running sequence: the newest under fcfs; under the priority policy the
@@ -316,6 +323,7 @@ class Scheduler:
         else preempt by recompute: drop its KV; it re-enters the queue at the front and
         recomputes prompt + generated tokens (likely prefix-cache hits) when readmitted."""
         self.running.remove(seq)
+        self._leave_runner(seq)
         seq.num_preemptions += 1
         self.stats.num_preemptions += 1
         if self.preemption_mode == "swap" and seq.beam_group is None and self.kv.can_swap_out(seq):
@@ -339,50 +347,55 @@ class Scheduler:
             st.num_chunked_prefill_steps += 1
 
     # ------------------------------------------------------------------ update
-    def update_from_output(self, out: SchedulerOutput, sampled: SamplerOutput) -> list[Sequence]:
-        """Advance the scheduled sequences by what the step computed and sampled. Returns every
-        sequence that received a token (including newly forked samples); token-level stops
-        (max_tokens, max_model_len, EOS, stop_token_ids) are applied here, and beam groups
-        whose beams have all reported take their next step."""
+    def update(self, out: SchedulerOutput, result: RunnerOutput) -> list[CoreOutput]:
+        """Advance the scheduled sequences by what the step computed and sampled, and say what
+        each produced. Token-level stops (max_tokens, max_model_len, EOS, stop_token_ids) are
+        applied here; beam groups whose beams have all reported take their next step."""
         row = 0
-        updated: list[Sequence] = []
+        outputs: list[CoreOutput] = []
         groups: list[BeamSearchGroup] = []
         for item in out.scheduled:
-            seq = item.seq
-            rows = range(row, row + (1 + len(item.fork_children) if item.sample else 0))
+            seq = self._seqs.get(item.seq_id)
+            rows = range(row, row + (1 + len(item.forks) if item.sample else 0))
             row = rows.stop
-            if seq.is_finished or seq.status != SequenceStatus.RUNNING:
+            if seq is None or seq.is_finished or seq.status != SequenceStatus.RUNNING:
                 continue  # aborted while the step ran; its sampled tokens are dropped
             seq.num_computed_tokens += item.num_new_tokens
             self.kv.cache_computed_blocks(seq)
-            if seq.seq_id in sampled.prompt_logprobs:
-                seq.prompt_logprobs.extend(sampled.prompt_logprobs[seq.seq_id])
+            prompt_logprobs = result.prompt_logprobs.get(seq.seq_id)
+            if prompt_logprobs:
+                seq.num_prompt_logprobs += len(prompt_logprobs)
+                if not item.sample or seq.beam_group is not None:
+                    outputs.append(SeqOutput(seq.request_id, seq.seq_id, seq.index, [],
+                                             new_prompt_logprobs=prompt_logprobs))
             if not item.sample:
                 continue
             if seq.beam_group is not None:
-                seq.beam_group.report(seq, *sampled.beam_candidates[rows[0]])
+                seq.beam_group.report(seq, *result.beam_candidates[rows[0]])
                 if seq.beam_group not in groups:
                     groups.append(seq.beam_group)
                 continue
-            children = item.fork_children
+            children = seq.fork_children
             seq.fork_children = []
             for child, r in zip(children, rows[1:]):
                 if child.is_finished:
                     continue
                 self.kv.fork(seq, child)
                 child.num_computed_tokens = seq.num_computed_tokens
+                child.num_cached_tokens = seq.num_cached_tokens
                 child.status = SequenceStatus.RUNNING
                 self.running.append(child)
-                self._append_token(child, sampled.tokens[r], sampled.logprobs[r])
-                updated.append(child)
-            self._append_token(seq, sampled.tokens[rows[0]], sampled.logprobs[rows[0]])
-            updated.append(seq)
+                outputs.append(self._append_tokens(child, result.token_ids[r], result.logprobs[r]))
+            outputs.append(self._append_tokens(seq, result.token_ids[rows[0]], result.logprobs[rows[0]],
+                                               prompt_logprobs))
         for group in groups:
             if group.ready:
-                updated.extend(self._advance_beams(group))
-        return updated
+                done = self._advance_beams(group)
+                if done is not None:
+                    outputs.append(done)
+        return outputs
 
-    def _advance_beams(self, group: BeamSearchGroup) -> list[Sequence]:
+    def _advance_beams(self, group: BeamSearchGroup) -> RequestDone | None:
         """Apply one beam-search decision: a parent kept once continues itself; kept again, it
         branches (sharing every block; the shared partial block is copied on first write);
         beams not kept are dropped. When the search is over every beam is dropped."""
@@ -397,20 +410,24 @@ class Scheduler:
                 taken.add(parent.seq_id)
                 beams.append((parent, token, score))
         dropped = [s for s in old if s.seq_id not in taken]
+        request_id = old[0].request_id
         for seq in dropped:
             self._drop_beam(seq)
         for seq, token, score in beams:
             seq.token_ids.append(token)
             seq.cumulative_logprob = score
+            if seq.seq_id in self._in_runner:
+                self._runner_tokens.setdefault(seq.seq_id, []).append(token)
         if group.done:
             group.running = dropped  # the last beams, now finished: the request is over
-            return dropped
+            return RequestDone(request_id, "stop", beams=beam_hypotheses(group))
         group.set_running([(seq, score) for seq, _, score in beams])
-        return []
+        return None
 
     def _branch(self, parent: Sequence) -> Sequence:
         child = parent.branch()
         self.requests[parent.request_id].append(child)
+        self._seqs[child.seq_id] = child
         if parent.status == SequenceStatus.RUNNING:
             self.kv.fork(parent, child)
             self.running.append(child)
@@ -427,16 +444,29 @@ class Scheduler:
         if seqs is not None:
             seqs.remove(seq)
 
-    def _append_token(self, seq: Sequence, token: int, logprobs: TokenLogprobs | None) -> None:
-        seq.token_ids.append(token)
-        if logprobs is not None:
-            seq.cumulative_logprob += logprobs.logprob
-            if seq.params.logprobs is not None:
-                seq.logprobs.append(logprobs)
-        status, reason = self._check_stop(seq, token)
+    def _append_tokens(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprobs] | None,
+                       prompt_logprobs: list[TokenLogprobs] | None = None) -> SeqOutput:
+        """Append a row's sampled tokens until one ends the sequence (the rest are dropped)."""
+        kept: list[int] = []
+        kept_logprobs: list[TokenLogprobs] = []
+        status = reason = None
+        for i, token in enumerate(tokens):
+            seq.token_ids.append(token)
+            kept.append(token)
+            if logprobs is not None:
+                seq.cumulative_logprob += logprobs[i].logprob
+                kept_logprobs.append(logprobs[i])
+            status, reason = self._check_stop(seq, token)
+            if status is not None:
+                break
+        out = SeqOutput(seq.request_id, seq.seq_id, seq.index, kept,
+                        kept_logprobs if seq.params.logprobs is not None else None, seq.cumulative_logprob,
+                        new_prompt_logprobs=prompt_logprobs, num_cached_tokens=seq.num_cached_tokens)
         if status is not None:
             seq.stop_reason = reason
             self._finish(seq, status)
+            out.finish_reason, out.stop_reason = status.finish_reason, reason
+        return out
 
     def _check_stop(self, seq: Sequence, token: int) -> tuple[SequenceStatus | None, int | None]:
         params = seq.params
@@ -452,13 +482,22 @@ class Scheduler:
             return SequenceStatus.FINISHED_STOPPED, None
         return None, None
 
-    def fail_step(self, out: SchedulerOutput) -> set[str]:
+    def fail_step(self, out: SchedulerOutput) -> list[str]:
         """A step raised: fail the requests it computed (their KV is suspect); keep the rest."""
-        failed = {item.seq.request_id for item in out.scheduled}
+        failed = list(dict.fromkeys(item.request_id for item in out.scheduled))
         for request_id in failed:
             self.finish_request(request_id, SequenceStatus.FINISHED_ERROR)
         return failed
 
+    def beam_group(self, request_id: str) -> BeamSearchGroup | None:
+        seqs = self.requests.get(request_id)
+        return seqs[0].beam_group if seqs else None
+
     def check_all_free(self) -> None:
         assert not self.running and not self.waiting and not self.swapped, (self.running, self.waiting, self.swapped)
+        assert not self._seqs, f"sequences still registered: {sorted(self._seqs)[:8]}"
         self.kv.check_all_free()
+
+
+def beam_hypotheses(group: BeamSearchGroup) -> list[BeamHypothesis]:
+    return [BeamHypothesis(list(h.token_ids), h.cumulative_logprob, h.finish_reason) for h in group.best()]

@@ -64,7 +64,7 @@ class Sequence:
         self.prompt_len = len(prompt_token_ids)
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_computed_tokens = 0
-        self.num_cached_tokens = -1  # prefix-cache hits at first admission; -1 until then
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at its first admission
         self.status = SequenceStatus.WAITING
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
@@ -75,8 +75,9 @@ class Sequence:
         # Sum of the chosen tokens' logprobs, and per-token details when `params.logprobs` is set.
         self.cumulative_logprob = 0.0
         self.logprobs: list[Any] = []
-        # Per prompt position (first is None) when `params.prompt_logprobs` is set.
-        self.prompt_logprobs: list[Any] = [None]
+        # Prompt positions whose logprobs were reported (when `params.prompt_logprobs` is set;
+        # the first prompt token has none).
+        self.num_prompt_logprobs = 0
         # Token-id sequences that must not be generated (bad_words, tokenized by the engine).
         self.bad_words_ids: list[list[int]] = []
         # The beam search this sequence is a beam of (pagedbackend.beam_search.BeamSearchGroup).
@@ -112,7 +113,7 @@ class Sequence:
 
     @property
     def wants_prompt_logprobs(self) -> bool:
-        return self.params.prompt_logprobs is not None and len(self.prompt_logprobs) < self.prompt_len
+        return self.params.prompt_logprobs is not None and 1 + self.num_prompt_logprobs < self.prompt_len
 
     def banned_by_bad_words(self) -> list[int]:
         """Tokens that would complete a bad word given the tokens so far (transformers'
@@ -132,7 +133,7 @@ class Sequence:
         child.block_hashes = self.block_hashes[:]
         child.num_cached_tokens = self.num_cached_tokens
         child.bad_words_ids = self.bad_words_ids
-        child.prompt_logprobs = self.prompt_logprobs
+        child.num_prompt_logprobs = self.num_prompt_logprobs
         return child
 
     def branch(self) -> "Sequence":

@@ -166,7 +166,7 @@ def test_a_failing_step_fails_its_requests_and_the_engine_keeps_serving(async_en
     real_execute = runner.execute
 
     def flaky(out):
-        if any(item.seq.request_id == "poison" for item in out.scheduled):
+        if any(item.request_id == "poison" for item in out.scheduled):
             raise RuntimeError("simulated device error")
         return real_execute(out)
 

@@ -71,14 +71,14 @@ def test_token_ids_outside_the_vocabulary_are_rejected(params, field, message, m
 @pytest.mark.parametrize("params,field", [(dict(n=200000), "n"), (dict(n=2, best_of=200000, temperature=1.0), "best_of")])
 def test_samples_over_max_num_seqs_are_rejected_before_any_sequence_exists(params, field, model_dir, make_engine,
                                                                           monkeypatch):
-    import pagedbackend.llm_engine as llm_engine
+    import pagedbackend.engine_core as engine_core
 
     engine = make_engine(model_dir("llama"), max_num_seqs=4)
 
     def no_sequences(*a, **k):
         raise AssertionError("a Sequence was built for a request that was going to be rejected")
 
-    monkeypatch.setattr(llm_engine, "Sequence", no_sequences)
+    monkeypatch.setattr(engine_core, "Sequence", no_sequences)
     with pytest.raises(InvalidRequest, match=f"{field}=200000 exceeds max_num_seqs=4") as e:
         engine.add_request("r", "hello", SamplingParams(**params))
     assert e.value.param == field
@@ -230,8 +230,7 @@ def test_every_metric_of_the_table_is_in_the_stats_and_rendered(engine):
 
     list(engine.submit("hello", SamplingParams(max_tokens=3)))
     stats = engine.get_stats()
-    missing = [m.key for m in METRICS if m.key not in stats]
-    assert not missing
+    assert {m.key for m in METRICS} == set(stats)  # every snapshot field is exported, and only those
     text = render(stats, {"model": "m"})
     for m in METRICS:
         assert f"# TYPE pagedbackend_{m.prometheus} {m.kind}" in text

@@ -98,9 +98,8 @@ def test_mixed_prefill_and_decode_in_one_step(model_dir, make_engine):
         sched_out = engine.scheduler.schedule()
         kinds = {item.num_new_tokens == 1 for item in sched_out.scheduled}
         mixed += kinds == {True, False}
-        tokens = engine.runner.execute(sched_out)
-        updated = engine.scheduler.update_from_output(sched_out, tokens)
-        for o in engine.output_processor.process(updated, engine.scheduler):
+        result = engine.executor.execute(sched_out)
+        for o in engine._process(engine.scheduler.update(sched_out, result)):
             outs[o.request_id] = o
     assert mixed > 0
     assert outs["short"].outputs[0].token_ids == hf_greedy(path, short, MAX_NEW)

@@ -12,10 +12,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from pagedbackend.kv_cache_manager import KVCacheManager
-from pagedbackend.sampler import SamplerOutput
 from pagedbackend.sampling_params import SamplingParams
-from pagedbackend.scheduler import Scheduler, SchedulerOutput
+from pagedbackend.scheduler import Scheduler
 from pagedbackend.sequence import Sequence, SequenceStatus
+from pagedbackend.step import RunnerOutput, SchedulerOutput
 
 VOCAB = 1000
 
@@ -32,21 +32,46 @@ def reference(prompt: list[int], max_tokens: int, sample_index: int = 0) -> list
     return tokens[len(prompt):]
 
 
-def sampled(*tokens: int) -> SamplerOutput:
-    return SamplerOutput(list(tokens), [None] * len(tokens), [None] * len(tokens))
+def sampled(out: SchedulerOutput, *tokens: int) -> RunnerOutput:
+    rows = out.sampled_seq_ids()
+    assert len(rows) == len(tokens)
+    return RunnerOutput(rows, [[t] for t in tokens], [None] * len(tokens), [None] * len(tokens))
 
 
 class FakeKVRunner:
+    """A model runner that knows only what the steps tell it (plain data): it keeps its own
+    copy of each sequence's tokens and block table from the diffs, writes every computed
+    token into its (block, offset) slot and reads the context back through its table."""
+
     def __init__(self, block_size: int):
         self.block_size = block_size
         self.slots: dict[tuple[int, int], int] = {}
         self.host_slots: dict[tuple[int, int], int | None] = {}
         self.copied_blocks = 0
+        self.tokens_of: dict[int, list[int]] = {}
+        self.table_of: dict[int, list[int]] = {}
+        self.request_of: dict[int, str] = {}
 
-    def execute(self, out: SchedulerOutput) -> SamplerOutput:
-        return sampled(*self.tokens(out))
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        return sampled(out, *self.tokens(out))
+
+    def apply(self, out: SchedulerOutput) -> None:
+        for seq_id in out.removed_seq_ids:
+            del self.tokens_of[seq_id], self.table_of[seq_id]
+        for new in out.new_seqs:
+            assert new.seq_id not in self.tokens_of
+            self.tokens_of[new.seq_id] = list(new.token_ids)
+            self.table_of[new.seq_id] = list(new.block_ids)
+            self.request_of[new.seq_id] = new.request_id
+        for seq_id, (start, ids) in out.block_updates.items():
+            table = self.table_of[seq_id]
+            assert start <= len(table)
+            table[start:] = ids
+        for seq_id, tokens in out.new_token_ids.items():
+            self.tokens_of[seq_id] += tokens
 
     def tokens(self, out: SchedulerOutput) -> list[int]:
+        self.apply(out)
         bs = self.block_size
         for dev, host in out.blocks_to_swap_out:
             for off in range(bs):
@@ -61,23 +86,32 @@ class FakeKVRunner:
             self.copied_blocks += 1
         context_of: dict[int, list[int]] = {}
         for item in out.scheduled:
-            seq, start = item.seq, item.seq.num_computed_tokens
-            assert len(item.block_ids) * bs >= start + item.num_new_tokens
+            tokens, table, start = self.tokens_of[item.seq_id], self.table_of[item.seq_id], item.num_computed_tokens
+            assert len(table) * bs >= start + item.num_new_tokens and start + item.num_new_tokens <= len(tokens)
             for p in range(start, start + item.num_new_tokens):
-                self.slots[(item.block_ids[p // bs], p % bs)] = seq.token_ids[p]
+                self.slots[(table[p // bs], p % bs)] = tokens[p]
         for item in out.scheduled:  # read back after the whole step wrote, as attention does
             if item.sample:
-                end = item.seq.num_computed_tokens + item.num_new_tokens
-                ctx = [self.slots.get((item.block_ids[p // bs], p % bs)) for p in range(end)]
-                assert ctx == item.seq.token_ids[:end], f"KV cache corrupted for {item.seq}"
-                context_of[item.seq.seq_id] = ctx
-        tokens = []
+                tokens, table = self.tokens_of[item.seq_id], self.table_of[item.seq_id]
+                end = item.num_computed_tokens + item.num_new_tokens
+                assert end == len(tokens)
+                ctx = [self.slots.get((table[p // bs], p % bs)) for p in range(end)]
+                assert ctx == tokens[:end], f"KV cache corrupted for sequence {item.seq_id}"
+                context_of[item.seq_id] = ctx
+        result = []
         for item in out.scheduled:
             if item.sample:
-                ctx = context_of[item.seq.seq_id]
-                for s in [item.seq, *item.fork_children]:
-                    tokens.append(next_token(ctx, s.index))
-        return tokens
+                ctx = context_of[item.seq_id]
+                own = next_token(ctx, self.sample_index(item.seq_id))
+                result.append(own)
+                result += [next_token(ctx, self.sample_index(f.seq_id)) for f in item.forks]
+                self.tokens_of[item.seq_id].append(own)  # the runner appends what it samples
+        return result
+
+    def sample_index(self, seq_id: int) -> int:
+        return self.index_of[seq_id]
+
+    index_of: dict[int, int] = {}
 
 
 def make(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=32, max_model_len=128,
@@ -92,6 +126,7 @@ def add(sched: Scheduler, rid: str, prompt: list[int], max_tokens: int, n: int =
     params = SamplingParams(max_tokens=max_tokens, n=n, temperature=1.0, _eos_token_ids=(1,))
     seqs = [Sequence(rid, prompt, params, arrival, index=i, priority=priority) for i in range(n)]
     sched.add_request(seqs)
+    FakeKVRunner.index_of.update({s.seq_id: s.index for s in seqs})
     return seqs
 
 
@@ -101,7 +136,7 @@ def run(sched: Scheduler, runner: FakeKVRunner, max_steps: int = 10_000) -> list
         if not sched.has_unfinished():
             return outs
         out = sched.schedule()
-        sched.update_from_output(out, runner.execute(out))
+        sched.update(out, runner.execute(out))
         outs.append(out)
     raise AssertionError("scheduler did not finish: livelock")
 
@@ -110,13 +145,13 @@ def test_running_requests_are_scheduled_before_waiting_ones():
     sched, runner = make(max_num_batched_tokens=16)
     add(sched, "a", list(range(10, 22)), 4)
     out = sched.schedule()
-    sched.update_from_output(out, runner.execute(out))
+    sched.update(out, runner.execute(out))
     add(sched, "b", list(range(30, 60)), 4)
     out = sched.schedule()
-    assert [i.seq.request_id for i in out.scheduled] == ["a", "b"]
+    assert [i.request_id for i in out.scheduled] == ["a", "b"]
     assert [i.num_new_tokens for i in out.scheduled] == [1, 15]  # b gets what is left: a chunk
     assert not out.scheduled[1].sample
-    sched.update_from_output(out, runner.execute(out))
+    sched.update(out, runner.execute(out))
     run(sched, runner)
     sched.check_all_free()
 
@@ -136,8 +171,8 @@ def test_without_chunked_prefill_a_prompt_waits_for_a_step_with_room_for_all_of_
     add(sched, "a", list(range(10, 20)), 5)
     add(sched, "b", list(range(30, 150)), 2)
     out = sched.schedule()
-    assert [i.seq.request_id for i in out.scheduled] == ["a"]  # b (120 tokens) does not fit beside a
-    sched.update_from_output(out, runner.execute(out))
+    assert [i.request_id for i in out.scheduled] == ["a"]  # b (120 tokens) does not fit beside a
+    sched.update(out, runner.execute(out))
     run(sched, runner)
     sched.check_all_free()
 
@@ -151,8 +186,8 @@ def test_preemption_takes_the_newest_request_and_it_resumes_with_the_same_tokens
         if not sched.has_unfinished():
             break
         out = sched.schedule()
-        preempted += [s.request_id for s in out.preempted]
-        sched.update_from_output(out, runner.execute(out))
+        preempted += [runner.request_of[i] for i in out.preempted_seq_ids]
+        sched.update(out, runner.execute(out))
     assert preempted, "the pool should have been too small for all four"
     assert "r0" not in preempted  # the oldest is never the victim while younger ones run
     for seq, prompt in zip(seqs, prompts):
@@ -169,7 +204,7 @@ def test_prefix_cache_hit_skips_the_shared_blocks():
     (b,) = add(sched, "b", shared + [7, 8], 2)
     out = sched.schedule()
     assert b.num_cached_tokens == 20 and out.scheduled[0].num_new_tokens == 2
-    sched.update_from_output(out, runner.execute(out))
+    sched.update(out, runner.execute(out))
     run(sched, runner)
     assert b.output_token_ids == reference(shared + [7, 8], 2)
     sched.check_all_free()
@@ -181,12 +216,13 @@ def test_reset_prefix_cache_forgets_blocks_only_when_idle():
     add(sched, "a", shared + [1], 2)
     out = sched.schedule()
     assert not sched.kv.reset_prefix_cache()  # "a" still holds its blocks
-    sched.update_from_output(out, runner.execute(out))
+    sched.update(out, runner.execute(out))
     run(sched, runner)
     assert sched.kv.reset_prefix_cache()
     (b,) = add(sched, "b", shared + [7, 8], 2)
-    sched.schedule()
+    out = sched.schedule()  # every step the scheduler plans reaches the runner
     assert b.num_cached_tokens == 0
+    sched.update(out, runner.execute(out))
     run(sched, runner)
     sched.check_all_free()
 
@@ -196,8 +232,8 @@ def test_n_samples_fork_from_one_prefill_and_differ():
     prompt = list(range(40, 50))  # 2 full blocks + a partial one: forks must copy it on write
     seqs = add(sched, "a", prompt, 6, n=3)
     out = sched.schedule()
-    assert len(out.scheduled) == 1 and len(out.scheduled[0].fork_children) == 2
-    sched.update_from_output(out, runner.execute(out))
+    assert len(out.scheduled) == 1 and len(out.scheduled[0].forks) == 2
+    sched.update(out, runner.execute(out))
     shared = sched.kv.blocks(seqs[0])[:2]
     assert all(b.ref_cnt == 3 for b in shared)
     run(sched, runner)
@@ -214,13 +250,13 @@ def test_eos_stops_only_after_min_tokens():
     seq = Sequence("a", [5, 6, 7], params, 0.0)
     sched.add_request([seq])
     out = sched.schedule()
-    sched.update_from_output(out, sampled(1))  # EOS as the first token (only a buggy sampler does this)
+    sched.update(out, sampled(out, 1))  # EOS as the first token (only a buggy sampler does this)
     assert not seq.is_finished
     for _ in range(2):
         out = sched.schedule()
-        sched.update_from_output(out, sampled(9))
+        sched.update(out, sampled(out, 9))
     out = sched.schedule()
-    sched.update_from_output(out, sampled(1))
+    sched.update(out, sampled(out, 1))
     assert seq.status == SequenceStatus.FINISHED_STOPPED and seq.num_output_tokens == 4
     sched.check_all_free()
 
@@ -231,11 +267,11 @@ def test_abort_of_a_waiting_running_or_unforked_request_frees_everything():
     add(sched, "b", list(range(40, 45)), 50)
     add(sched, "c", list(range(60, 70)), 50)
     out = sched.schedule()  # a's first chunk only: its second sample is not forked yet
-    sched.update_from_output(out, runner.execute(out))
+    sched.update(out, runner.execute(out))
     assert sched.finish_request("a", SequenceStatus.FINISHED_ABORTED)
     assert sched.finish_request("c", SequenceStatus.FINISHED_ABORTED)  # still waiting
     out = sched.schedule()
-    sched.update_from_output(out, runner.execute(out))
+    sched.update(out, runner.execute(out))
     assert sched.finish_request("b", SequenceStatus.FINISHED_ABORTED)  # running
     assert not sched.has_unfinished()
     sched.check_all_free()
@@ -292,7 +328,7 @@ def test_random_add_step_abort_keeps_outputs_exact_and_frees_every_block(
             aborted.add(rid)
         elif sched.has_unfinished():
             out = sched.schedule()
-            sched.update_from_output(out, runner.execute(out))
+            sched.update(out, runner.execute(out))
     for i, (plen, max_tokens, n, prefix, prio) in pending:
         prompt = prefixes[prefix][:plen]
         live[f"r{i}"] = (add(sched, f"r{i}", prompt, max_tokens, min(n, max_num_seqs), arrival=i, priority=prio),
@@ -331,7 +367,7 @@ def test_swap_preemption_copies_blocks_out_and_back_and_resumes_with_the_same_to
         assert not (out.blocks_to_swap_out and out.blocks_to_swap_in)  # never in one step
         swapped_out += len(out.blocks_to_swap_out)
         swapped_in += len(out.blocks_to_swap_in)
-        sched.update_from_output(out, runner.execute(out))
+        sched.update(out, runner.execute(out))
     assert swapped_out and swapped_in == swapped_out
     assert sched.stats.num_swapped_out > 0 and sched.stats.num_swapped_out == sched.stats.num_swapped_in
     for seq, prompt in zip(seqs, prompts):
@@ -361,8 +397,8 @@ def test_priority_policy_preempts_the_lowest_priority_not_the_newest():
         if not sched.has_unfinished():
             break
         out = sched.schedule()
-        first_victims += [s.request_id for s in out.preempted]
-        sched.update_from_output(out, runner.execute(out))
+        first_victims += [runner.request_of[i] for i in out.preempted_seq_ids]
+        sched.update(out, runner.execute(out))
     assert first_victims and first_victims[0] == "r1"
     for seq, prompt in zip(seqs, prompts):
         assert seq.output_token_ids == reference(prompt, 20)
@@ -376,13 +412,13 @@ def test_urgent_request_preempts_a_less_urgent_running_one_to_start_now():
     (mid,) = add(sched, "mid", list(range(200, 210)), 15, arrival=1, priority=2)
     for _ in range(3):
         out = sched.schedule()
-        sched.update_from_output(out, runner.execute(out))
+        sched.update(out, runner.execute(out))
     assert {s.request_id for s in sched.running} == {"low", "mid"}  # max_num_seqs reached
     (urgent,) = add(sched, "urgent", list(range(300, 305)), 5, arrival=2, priority=0)
     out = sched.schedule()
-    assert [s.request_id for s in out.preempted] == ["low"]
-    assert "urgent" in [i.seq.request_id for i in out.scheduled]
-    sched.update_from_output(out, runner.execute(out))
+    assert [runner.request_of[i] for i in out.preempted_seq_ids] == ["low"]
+    assert "urgent" in [i.request_id for i in out.scheduled]
+    sched.update(out, runner.execute(out))
     run(sched, runner)
     for seq, prompt, n in ((low, list(range(100, 120)), 15), (mid, list(range(200, 210)), 15),
                            (urgent, list(range(300, 305)), 5)):
@@ -398,7 +434,7 @@ def test_priority_orders_admission_and_fcfs_ignores_it():
         order = []
         for out in run(sched, runner):
             for item in out.scheduled:
-                if item.seq.request_id not in order:
-                    order.append(item.seq.request_id)
+                if item.request_id not in order:
+                    order.append(item.request_id)
         assert order == expected
         sched.check_all_free()

@@ -25,7 +25,7 @@ def test_low_priority_requests_are_preempted_first_and_all_match_transformers(mo
 
     def recording_schedule():
         out = schedule()
-        victims.extend(s.priority for s in out.preempted)
+        victims.extend(engine.scheduler.seq(i).priority for i in out.preempted_seq_ids)
         return out
 
     engine.scheduler.schedule = recording_schedule
