@@ -28,6 +28,7 @@ from typing import Any, AsyncIterator, Iterator
 
 from pagedbackend.config import EngineArgs
 from pagedbackend.llm_engine import LLMEngine, PreparedRequest, PromptType
+from pagedbackend.metrics import StatsSnapshot
 from pagedbackend.outputs import RequestOutput
 from pagedbackend.sampling_params import SamplingParams
 from pagedbackend.step import RequestDone
@@ -217,9 +218,12 @@ class AsyncLLMEngine:
     def get_stats(self) -> dict[str, Any]:
         """The core's snapshot after its latest step, and the frontend's finished-request
         statistics (safe from any thread)."""
+        return self.stats_snapshot().as_dict()
+
+    def stats_snapshot(self) -> StatsSnapshot:
         with self._cv:
             core = dict(self._core_stats)
-        return {**core, **self.output_processor.stats.snapshot()}
+        return StatsSnapshot.from_dict({**core, **self.output_processor.stats.snapshot()})
 
     # ---------------------------------------------------------------- the loop
     def _loop(self) -> None:

@@ -18,7 +18,7 @@ from pagedbackend.config import EngineArgs, EngineConfig
 from pagedbackend.engine_core import EngineCore
 from pagedbackend.errors import InvalidRequest
 from pagedbackend.executor import UniprocExecutor
-from pagedbackend.metrics import EngineStats
+from pagedbackend.metrics import EngineStats, StatsSnapshot
 from pagedbackend.output_processor import OutputProcessor
 from pagedbackend.outputs import RequestOutput
 from pagedbackend.sampling_params import SamplingParams
@@ -265,7 +265,10 @@ class LLMEngine:
     # ------------------------------------------------------------------ stats
     def get_stats(self) -> dict[str, Any]:
         """The core's counters and gauges, and the frontend's finished-request statistics."""
-        return {**self.core.stats(), **self.stats.snapshot()}
+        return self.stats_snapshot().as_dict()
+
+    def stats_snapshot(self) -> StatsSnapshot:
+        return StatsSnapshot.from_dict({**self.core.stats(), **self.stats.snapshot()})
 
     def reset_prefix_cache(self) -> bool:
         """Drop the prefix cache (vLLM's name); False, changing nothing, while requests run."""

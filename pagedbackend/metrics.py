@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import bisect
 import collections
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from pagedbackend.outputs import RequestOutput
 
@@ -77,6 +79,18 @@ METRICS: tuple[Metric, ...] = (
            "time_to_first_token_seconds", "TimeToFirstTokenSeconds"),
     Metric("time_per_output_token_seconds", "histogram", "s", "Mean time between tokens, per request.",
            "time_per_output_token_seconds", "TimePerOutputTokenSeconds"),
+)
+
+
+# The engine's stats at one moment, one field per metric (generated from the table, so the two
+# cannot drift apart): counters and gauges are numbers, histograms their buckets and counts.
+StatsSnapshot = dataclasses.make_dataclass(
+    "StatsSnapshot",
+    [(m.key, dict if m.kind == "histogram" else float) for m in METRICS],
+    frozen=True,
+    namespace={"__doc__": "A frozen snapshot of the engine's stats; `as_dict()` for exporters.",
+               "as_dict": lambda self: dataclasses.asdict(self),
+               "from_dict": classmethod(lambda cls, d: cls(**{f.name: d[f.name] for f in dataclasses.fields(cls)}))},
 )
 
 

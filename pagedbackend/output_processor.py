@@ -185,18 +185,6 @@ class OutputProcessor:
             if out.error is not None:
                 state.error = out.error
 
-    def finish_without_token(self, request_id: str, reason: str, error: str | None = None) -> RequestOutput | None:
-        """Final output for a request ended from outside before the engine knew it."""
-        with self._lock:
-            state = self.states.get(request_id)
-            if state is None:
-                return None
-            self._done(state, RequestDone(request_id, reason, error))
-            result = self._output(state, time.monotonic())
-            if result is not None and result.finished:
-                self.stats.record_finished(result)
-            return result
-
     def _output(self, state: RequestState, now: float) -> RequestOutput | None:
         finished = state.finished
         if state.final_only and not finished:

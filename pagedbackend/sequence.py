@@ -72,9 +72,8 @@ class Sequence:
         self.block_hashes: list[BlockHash] = []
         # Samples 1..n-1 of a request, waiting for this (first) sample's prefill to fork from it.
         self.fork_children: list[Sequence] = []
-        # Sum of the chosen tokens' logprobs, and per-token details when `params.logprobs` is set.
+        # Sum of the chosen tokens' logprobs (reported when asked for, and ranks best_of samples).
         self.cumulative_logprob = 0.0
-        self.logprobs: list[Any] = []
         # Prompt positions whose logprobs were reported (when `params.prompt_logprobs` is set;
         # the first prompt token has none).
         self.num_prompt_logprobs = 0

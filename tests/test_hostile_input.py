@@ -231,6 +231,10 @@ def test_every_metric_of_the_table_is_in_the_stats_and_rendered(engine):
     list(engine.submit("hello", SamplingParams(max_tokens=3)))
     stats = engine.get_stats()
     assert {m.key for m in METRICS} == set(stats)  # every snapshot field is exported, and only those
+    snapshot = engine.stats_snapshot()
+    with pytest.raises(Exception):  # frozen
+        snapshot.num_running = 3
+    assert snapshot.generation_tokens == stats["generation_tokens"] >= 3
     text = render(stats, {"model": "m"})
     for m in METRICS:
         assert f"# TYPE pagedbackend_{m.prometheus} {m.kind}" in text
