@@ -124,6 +124,16 @@ class _AbortSeqs:
     seq_ids: list[int]
 
 
+# Prompts longer than this are tokenized on a worker thread by `generate` (the tokenizer
+# releases the GIL), so the event loop keeps serving other requests meanwhile.
+LARGE_PROMPT_CHARS = 16384
+
+
+def is_large_prompt(prompt: Any) -> bool:
+    text = prompt.get("prompt") if isinstance(prompt, dict) else prompt
+    return isinstance(text, str) and len(text) > LARGE_PROMPT_CHARS
+
+
 class AsyncLLMEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
@@ -172,7 +182,12 @@ class AsyncLLMEngine:
                        request_id: str | None = None, priority: int = 0) -> AsyncIterator[RequestOutput]:
         """Yield `RequestOutput`s as tokens arrive (cumulative, with deltas). Leaving the loop
         early (break, cancellation, client gone) aborts the request."""
-        async for out in self.stream(self.add_request(prompt, sampling_params, request_id, priority)):
+        loop = asyncio.get_running_loop()
+        if is_large_prompt(prompt):  # tokenizing it takes a while: not on the loop that serves others
+            stream = await loop.run_in_executor(None, self._submit, prompt, sampling_params, request_id, priority, loop)
+        else:
+            stream = self.add_request(prompt, sampling_params, request_id, priority)
+        async for out in self.stream(stream):
             yield out
 
     @staticmethod

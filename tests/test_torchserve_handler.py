@@ -286,3 +286,43 @@ def test_a_non_streaming_failure_gets_its_error_status_not_200(loaded, monkeypat
     text, status, content_type, stop = answers["w"]
     assert status == 500 and content_type == "application/json" and stop is None
     assert "device lost" in json.loads(text)["error"]["message"]
+
+
+def test_a_large_body_is_tokenized_off_the_step_and_answered_once_open(loaded, monkeypatch):
+    """A body over LARGE_BODY_BYTES is parsed and tokenized on a worker thread: the steps go on
+    answering the stream beside it while that runs, and the big request gets its (right)
+    first answer once it is open."""
+    from pagedbackend.adapters.torchserve import handler as handler_module
+
+    h, ctx = loaded(max_prompt_chars=10**7)
+    encode = h.engine.tokenizer.encode
+    release = __import__("threading").Event()
+
+    def slow_encode(text, *a, **k):
+        if len(text) > handler_module.LARGE_BODY_BYTES:
+            release.wait(30)
+            return encode("a long text that fits", *a, **k)
+        return encode(text, *a, **k)
+
+    monkeypatch.setattr(h.engine.tokenizer, "encode", slow_encode)
+    big = {"prompt": "word " * (handler_module.LARGE_BODY_BYTES // 4), "stream": True, "max_tokens": 3}
+    answers = _step(h, ctx, {"s": {"prompt": "hi", "stream": True, "max_tokens": 30, "ignore_eos": True},
+                             "big": big})
+    assert "s" in answers and "big" not in answers  # the stream was answered; the big one waits, unanswered
+    for _ in range(3):
+        answers = _step(h, ctx, {"s": None, "big": big})
+        assert "s" in answers and "big" not in answers
+    release.set()
+    first, done, pending = None, set(), {"s": None, "big": big}
+    for _ in range(400):
+        answers = _step(h, ctx, pending)
+        if "big" in answers and first is None:
+            first = answers["big"]
+            assert (first[1], first[2]) == (200, "application/x-ndjson")
+        for rid, (_, _, _, stop) in answers.items():
+            if stop:
+                done.add(rid)
+        pending = {rid: (None if rid != "big" or first else big) for rid in ("s", "big") if rid not in done}
+        if not pending:
+            break
+    assert done == {"s", "big"}

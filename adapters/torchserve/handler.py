@@ -45,6 +45,22 @@ MAX_WRITE = 16 * 1024
 STEP_WAIT_S = 0.05
 
 
+# Request bodies larger than this are parsed and tokenized on a worker thread (the tokenizer
+# releases the GIL), so the step that serves every other stream never waits for them.
+LARGE_BODY_BYTES = 64 * 1024
+
+
+def _is_large(item: dict[str, Any]) -> bool:
+    body = item.get("data") or item.get("body")
+    if isinstance(body, (bytes, bytearray, str)):
+        return len(body) > LARGE_BODY_BYTES
+    if isinstance(body, dict):  # TorchServe decoded the JSON already: look at the text fields
+        return any(isinstance(v, str) and len(v) > LARGE_BODY_BYTES for v in body.values()) or any(
+            isinstance(m, dict) and isinstance(m.get("content"), str) and len(m["content"]) > LARGE_BODY_BYTES
+            for m in body.get("messages") or [] if isinstance(body.get("messages"), list))
+    return False
+
+
 class PagedLLMHandler:
     def __init__(self) -> None:
         self.initialized = False
@@ -128,7 +144,11 @@ class PagedLLMHandler:
     async def _handle_async(self, data: list[dict[str, Any]], context: Any) -> list[str]:
         request_id = context.request_ids[0]
         try:
-            reply = self._open(context, 0, request_id, data[0], asyncio.get_running_loop())
+            loop = asyncio.get_running_loop()
+            if _is_large(data[0]):  # parse and tokenize it off the loop every request shares
+                reply = await loop.run_in_executor(None, self._open, context, 0, request_id, data[0], loop)
+            else:
+                reply = self._open(context, 0, request_id, data[0], loop)
             if not reply.stream:  # one body, with the status it ends with
                 status, text = await complete_body(reply)
                 context.set_response_status(status, "", 0)
@@ -162,7 +182,12 @@ class PagedLLMHandler:
                     self._pumps.pop(rid).cancel()
         for i, rid in enumerate(ids):
             if rid not in self._pumps:
-                pump = RequestPump(self._loop, self._cond, self._open(context, i, rid, data[i], self._loop))
+                if _is_large(data[i]):  # parsed and tokenized on a worker thread; answered once open
+                    pump = RequestPump(self._loop, self._cond,
+                                       opener=lambda i=i, rid=rid, item=data[i]: self._open(context, i, rid, item,
+                                                                                            self._loop))
+                else:
+                    pump = RequestPump(self._loop, self._cond, self._open(context, i, rid, data[i], self._loop))
                 with self._cond:
                     self._pumps[rid] = pump
         with self._cond:
@@ -177,7 +202,7 @@ class PagedLLMHandler:
             stops: list[bool | None] = []
             deferred = []
             for i, (rid, pump) in enumerate(zip(ids, pumps)):
-                if not pump.stream and not pump.done:
+                if not pump.opened or (not pump.stream and not pump.done):
                     deferred.append(i)
                     responses.append(None)
                     stops.append(None)

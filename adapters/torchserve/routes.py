@@ -165,19 +165,38 @@ class RequestPump:
     reply becomes one body (and its final status) when complete. `cancel()` (the client is
     gone) stops the reply and aborts its engine requests, freeing their blocks."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, cond: threading.Condition, reply: Reply) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, cond: threading.Condition, reply: Reply | None = None,
+                 opener: Callable[[], Reply] | None = None) -> None:
+        """Give the `reply`, or an `opener` that makes it (parsing and tokenizing a large body):
+        it then runs on a worker thread, and the pump is not `opened` until it is done."""
         self._cond = cond
         self._reply = reply
-        self.status = reply.status
-        self.content_type = reply.content_type
-        self.stream = reply.stream and reply.status < 400
+        self.status: int | None = None
+        self.content_type: str | None = None
+        self.stream = False
+        if reply is not None:
+            self._opened(reply)
         self.pieces: list[str] = []
         self.done = False
         self.started = False  # a response for it has been returned to the frontend
-        self._future = asyncio.run_coroutine_threadsafe(self._run(), loop)
+        self._future = asyncio.run_coroutine_threadsafe(self._run(opener), loop)
 
-    async def _run(self) -> None:
+    def _opened(self, reply: Reply) -> None:
+        self._reply = reply
+        self.status, self.content_type = reply.status, reply.content_type
+        self.stream = reply.stream and reply.status < 400
+
+    @property
+    def opened(self) -> bool:
+        return self.status is not None
+
+    async def _run(self, opener: Callable[[], Reply] | None) -> None:
         try:
+            if opener is not None:
+                reply = await asyncio.get_running_loop().run_in_executor(None, opener)
+                with self._cond:
+                    self._opened(reply)
+                    self._cond.notify_all()
             if not self.stream:
                 status, body = await complete_body(self._reply)
                 with self._cond:
@@ -196,7 +215,7 @@ class RequestPump:
     @property
     def has_news(self) -> bool:
         """Something to send: a stream's new pieces, or a whole reply that is complete."""
-        return self.done or (self.stream and bool(self.pieces))
+        return self.opened and (self.done or (self.stream and bool(self.pieces)))
 
     def take(self) -> tuple[str, bool]:
         """(everything buffered, whether the reply is complete); call with the condition held."""
@@ -205,4 +224,5 @@ class RequestPump:
 
     def cancel(self) -> None:
         self._future.cancel()
-        self._reply.abort()
+        if self._reply is not None:
+            self._reply.abort()
