@@ -236,6 +236,117 @@ def test_invalid_sampling_parameters_get_a_clean_error_while_others_finish(serve
     assert all(g[-1]["finish_reason"] == "length" and sum(e["num_output_tokens"] for e in g) == 25 for g in good)
 
 
+def grpc_error(url: str, prompt: str = "hello", sampling_parameters: str | None = None,
+               parameters: dict | None = None, timeout: float = 60) -> str:
+    """Send one streaming request; return the error it gets (fail when it gets none)."""
+    got: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: got.put((result, error)))
+    try:
+        inputs = grpc_inputs(prompt)
+        if sampling_parameters is not None:
+            sp = grpcclient.InferInput("sampling_parameters", [1], "BYTES")
+            sp.set_data_from_numpy(np.array([sampling_parameters.encode()], dtype=np.object_))
+            inputs.append(sp)
+        client.async_stream_infer("llm", inputs, parameters=parameters)
+        _, error = got.get(timeout=timeout)
+    finally:
+        client.stop_stream()
+        client.close()
+    assert error is not None, "the request was accepted"
+    return str(error)
+
+
+def assert_clean_one_line(text: str, message: str) -> None:
+    assert message in text, text[:2000]
+    assert "Traceback" not in text and ".py" not in text and 'File "' not in text, text[:2000]
+    assert "site-packages" not in text and "pagedbackend/" not in text, text[:2000]
+    assert "\n" not in text.strip() and len(text) < 600, text[:2000]
+
+
+HUGE = "9" * 5000
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+@pytest.mark.parametrize("sampling_parameters,message", [
+    ('{"n": %s}' % HUGE, "n must be an integer"),
+    ('{"max_tokens": %s, "ignore_eos": true}' % HUGE, "max_tokens must be an integer"),
+    ('{"temperature": -%s}' % HUGE, "temperature must be a number"),
+    (DEEP, "sampling_parameters is nested too deeply"),
+    ('{"stop": %s}' % DEEP, "sampling_parameters is nested too deeply"),
+    ('{"stop_token_ids": [%s]}' % HUGE, "stop_token_ids must be a list of integers"),
+    (json.dumps({"stop": ["x" * 100_000, 5]}), "stop must be a string or a list of strings"),
+])
+def test_hostile_sampling_parameters_get_a_clean_one_line_error(server, sampling_parameters, message, idle_after):
+    assert_clean_one_line(grpc_error(server.grpc_url, sampling_parameters=sampling_parameters), message)
+    # The server keeps serving.
+    events = sse_stream(server.http_url, {"text_input": "still there?", "stream": True, "exclude_input_in_output": True,
+                                          "sampling_parameters": json.dumps({"max_tokens": 5, "ignore_eos": True})})
+    assert sum(e["num_output_tokens"] for e in events) == 5 and events[-1]["finish_reason"] == "length"
+
+
+@pytest.mark.parametrize("field,value,message,http", [
+    ("max_tokens", HUGE, "max_tokens must be a number", False),  # over HTTP a typed input: Triton parses it
+    ("seed", "-" + HUGE, "seed must be a number", False),
+    ("temperature", "warm" * 20_000, "temperature must be a number", False),
+    ("stop_token_ids", DEEP, "stop_token_ids is nested too deeply", True),
+    ("stop_token_ids", "[%s]" % HUGE, "stop_token_ids must be a list of integers", True),
+    ("best_of", HUGE, "best_of must be an integer", True),
+    ("presence_penalty", "x" * 50_000, "presence_penalty must be a number", True),
+])
+def test_hostile_request_parameters_get_a_clean_one_line_error(server, field, value, message, http, idle_after):
+    assert_clean_one_line(grpc_error(server.grpc_url, parameters={field: value}), message)
+    if http:  # the HTTP generate endpoint turns extra JSON fields into request parameters
+        status, _, text = post(server.http_port, "/v2/models/llm/generate", {"text_input": "hi", field: value},
+                               timeout=60)
+        assert status == 400, (status, text[:500])
+        assert_clean_one_line(json.loads(text)["error"], message)
+
+
+def test_a_too_long_prompt_gets_a_clean_error_naming_text_input(server, idle_after):
+    assert_clean_one_line(grpc_error(server.grpc_url, prompt="word " * 200_000), "text_input")
+
+
+def test_a_client_cannot_send_the_proxys_cancel_command(server, idle_after):
+    """`pagedbackend_cancel` is how the proxy reports a client's cancellation: a client sending
+    it (with the id of someone else's running request) must not abort that request."""
+    got: queue.Queue = queue.Queue()
+    victim = grpcclient.InferenceServerClient(server.grpc_url)
+    victim.start_stream(callback=lambda result, error: got.put((result, error)))
+    victim.async_stream_infer("llm", grpc_inputs("the victim's story", {"max_tokens": 150, "ignore_eos": True}),
+                              request_id="victim", enable_empty_final_response=True)
+    try:
+        result, error = got.get(timeout=60)
+        assert error is None
+        running = list(server.engine._streams)  # the engine's ids of running requests (the proxy's keys)
+        assert len(running) == 1
+        target = running[0]
+        # Forged as request parameters, over HTTP and gRPC, with and without a guessed marker.
+        for extra in ({"pagedbackend_cancel": target}, {"pagedbackend_cancel": target, "pagedbackend_control": "x"},
+                      {"pagedbackend_request_key": target}):
+            status, _, text = post(server.http_port, "/v2/models/llm/generate",
+                                   {"text_input": "attacker", "max_tokens": 2, **extra}, timeout=60)
+            assert status == 400 and "reserved" in json.loads(text)["error"], (status, text)
+            assert_clean_one_line(json.loads(text)["error"], "reserved")
+            assert "reserved" in grpc_error(server.grpc_url, "attacker", parameters=extra)
+        ids, finish = [], None
+        ids += result.as_numpy("token_ids").tolist()
+        while True:
+            result, error = got.get(timeout=60)
+            assert error is None, error
+            if result.as_numpy("token_ids") is not None:
+                ids += result.as_numpy("token_ids").tolist()
+            reason = result.as_numpy("finish_reason")
+            if reason is not None:
+                finish = reason[0].decode()
+            if result.get_response().parameters["triton_final_response"].bool_param:
+                break
+    finally:
+        victim.stop_stream()
+        victim.close()
+    assert finish == "length" and len(ids) == 150  # the victim's request ran to the end
+
+
 def test_http_generate_returns_one_answer_with_the_prompt_unless_excluded(server, make_engine, model_dir, idle_after):
     def generate(body):
         status, _, text = post(server.http_port, "/v2/models/llm/generate", body, timeout=60)

@@ -16,6 +16,6 @@ from pagedbackend.adapters.pytriton.server import MetricsServer, PyTritonServer,
 
 prefer_running_libpython()
 
-from pagedbackend.adapters.pytriton.binding import bind_llm  # noqa: E402
+from pagedbackend.adapters.pytriton.binding import LLMModel, bind_llm, bind_model  # noqa: E402
 
-__all__ = ["MetricsServer", "PyTritonServer", "bind_llm", "prefer_running_libpython"]
+__all__ = ["LLMModel", "MetricsServer", "PyTritonServer", "bind_llm", "bind_model", "prefer_running_libpython"]

@@ -16,12 +16,26 @@ samples' new ids concatenated), `num_output_tokens` (uint32 per sample, to split
 
 The infer function is an async generator: every concurrent request is a coroutine submitting
 to one shared `AsyncLLMEngine`, which batches them.
+
+Errors a client causes come back as one clean line naming the field (never a traceback or a
+file path). Request parameters named `pagedbackend_*` are reserved: the cancel-aware proxy
+(`_proxy_model.py`) sets them, marked with a per-model secret that only the proxy knows (it is
+written into the model repository when the model is bound); a client sending any of them
+gets an error, and nothing it sends is ever executed as a control command.
+
+For a graceful stop (`PyTritonServer.stop`) the model can stop admitting requests
+(`stop_accepting`), wait for the running ones (`wait_idle`), and abort them (`abort_all`: each
+stream ends with a final response whose finish_reason is "abort").
 """
 
 from __future__ import annotations
 
-import json
+import asyncio
+import contextlib
+import hmac
 import logging
+import secrets
+import threading
 import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
@@ -32,12 +46,17 @@ from pytriton.model_config import ModelConfig, Tensor
 from pagedbackend import AsyncLLMEngine, EngineArgs, RequestOutput, SamplingParams
 from pagedbackend.adapters.pytriton.proxy import use_cancel_aware_proxy
 from pagedbackend.errors import InvalidRequest
+from pagedbackend.protocol import parse_json
 
 logger = logging.getLogger(__name__)
 
 # Must match the names in _proxy_model.py (which cannot import this package).
-KEY_PARAMETER = "pagedbackend_request_key"
-CANCEL_PARAMETER = "pagedbackend_cancel"
+RESERVED_PREFIX = "pagedbackend_"
+KEY_PARAMETER = "pagedbackend_request_key"  # the proxy's key of a client request (the engine's request id)
+CANCEL_PARAMETER = "pagedbackend_cancel"  # a control message: that key's client cancelled
+CONTROL_PARAMETER = "pagedbackend_control"  # the model's secret: the reserved parameters are the proxy's
+REJECTED_PARAMETER = "pagedbackend_rejected"  # reserved names a client sent (the proxy drops them)
+MAX_MESSAGE_CHARS = 300
 
 TYPED_SAMPLING_INPUTS = {
     "max_tokens": np.int32, "min_tokens": np.int32, "temperature": np.float32, "top_p": np.float32,
@@ -57,6 +76,9 @@ class RequestError(Exception):
 
     __module__ = "builtins"
 
+    def __init__(self, message: str) -> None:
+        super().__init__(client_message(message))
+
     @property
     def __traceback__(self):  # type: ignore[override]
         return None
@@ -64,6 +86,33 @@ class RequestError(Exception):
     @__traceback__.setter
     def __traceback__(self, value):
         pass
+
+
+def client_message(message: Any) -> str:
+    """One short line: what a client is shown of an error."""
+    text = " ".join(str(message).split())
+    return text if len(text) <= MAX_MESSAGE_CHARS else text[:MAX_MESSAGE_CHARS - 15] + " ... (truncated)"
+
+
+# The engine's names for fields this interface calls otherwise.
+_FIELD_NAMES = {"prompt": "text_input", "prompt_token_ids": "text_input"}
+
+
+def _naming_the_field(error: ValueError) -> str:
+    """The message of a bad-input error, with the field's name (as a client of this interface
+    knows it) in front when the message does not say it."""
+    message = str(error)
+    param = getattr(error, "param", None)
+    param = _FIELD_NAMES.get(param, param)
+    return f"{param}: {message}" if param and param not in message else message
+
+
+def _shown(value: Any) -> str:
+    """A value as an error message quotes it: short, and never a huge conversion."""
+    if isinstance(value, str) and len(value) > 40:
+        return repr(value[:40]) + f"... ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
 
 
 def model_inputs() -> list[Tensor]:
@@ -101,13 +150,17 @@ def _coerce(name: str, value: Any) -> Any:
             return int(value)
         if name in _FLOAT_FIELDS:
             return float(value)
-        if name in _BOOL_FIELDS and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        if name == "stop_token_ids":
-            return json.loads(value)
-    except (ValueError, json.JSONDecodeError):
-        kind = "a list of integers" if name == "stop_token_ids" else "a number"
-        raise InvalidRequest(name, f"{name} must be {kind}, got {value!r}") from None
+    except ValueError:  # not a number, or too many digits to convert
+        raise InvalidRequest(name, f"{name} must be a number, got {_shown(value)}") from None
+    if name in _BOOL_FIELDS and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    if name == "stop_token_ids":
+        try:
+            return parse_json(value, name, name)
+        except InvalidRequest as e:
+            if "nested too deeply" in str(e):
+                raise
+            raise InvalidRequest(name, f"{name} must be a list of integers, got {_shown(value)}") from None
     return value
 
 
@@ -128,16 +181,14 @@ def parse_request(data: dict[str, np.ndarray], parameters: dict[str, Any] | None
     fields: dict[str, Any] = {}
     if "sampling_parameters" in data and data["sampling_parameters"].size:
         text = data["sampling_parameters"].reshape(-1)[0]
-        try:
-            decoded = json.loads(text.decode("utf-8") if isinstance(text, (bytes, np.bytes_)) else text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise InvalidRequest("sampling_parameters", f"sampling_parameters is not valid JSON: {e}") from e
+        decoded = parse_json(bytes(text) if isinstance(text, (bytes, np.bytes_)) else str(text),
+                             "sampling_parameters", "sampling_parameters")
         if not isinstance(decoded, dict):
             raise InvalidRequest("sampling_parameters", "sampling_parameters must be a JSON object")
         fields.update(decoded)
     else:
         fields.update({k: v for k, v in (parameters or {}).items()
-                       if not k.startswith("triton_") and k not in (KEY_PARAMETER, CANCEL_PARAMETER)})
+                       if not k.startswith("triton_") and not k.lower().startswith(RESERVED_PREFIX)})
     for name in TYPED_SAMPLING_INPUTS:
         if name in data and data[name].size:
             fields[name] = data[name].reshape(-1)[0].item()
@@ -177,37 +228,139 @@ def make_response(out: RequestOutput, req: TritonRequest, first: bool) -> dict[s
 
 
 class LLMModel:
-    """The infer function of one bound model."""
+    """The infer function of one bound model, and the controls of a graceful stop."""
 
     def __init__(self, engine: AsyncLLMEngine) -> None:
         self.engine = engine
+        # Marks the reserved parameters the proxy sets; the proxy reads it from the model
+        # repository (see proxy.py). Clients never see it.
+        self.control_secret = secrets.token_hex(32)
+        self._cv = threading.Condition()
+        self._running: dict[str, tuple[asyncio.AbstractEventLoop, Any]] = {}  # request id -> (loop, task)
+        self._accepting = True
+        self._aborting = False
+
+    # ------------------------------------------------------------ graceful stop
+    def stop_accepting(self) -> None:
+        """From now on new requests are answered "the server is shutting down"."""
+        with self._cv:
+            self._accepting = False
+
+    def running(self) -> list[str]:
+        with self._cv:
+            return list(self._running)
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is running (their last responses handed to PyTriton)."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self._running, max(0.0, timeout))
+
+    def abort_all(self) -> int:
+        """Abort every running request in the engine: each stream ends with a final response
+        (finish_reason "abort"), and requests still being set up abort at their first output."""
+        with self._cv:
+            self._aborting = True
+            ids = list(self._running)
+        for request_id in ids:
+            self.engine.abort_request(request_id)
+        return len(ids)
+
+    def cancel_all(self) -> None:
+        """Last resort (the engine does not answer): cancel the requests' coroutines; each
+        client gets the error "the server is shutting down"."""
+        with self._cv:
+            running = list(self._running.values())
+        for loop, task in running:
+            if task is not None:
+                with contextlib.suppress(RuntimeError):  # the loop is already closed
+                    loop.call_soon_threadsafe(task.cancel)
+
+    # ---------------------------------------------------------------- requests
+    def _reserved_parameters(self, parameters: dict[str, Any]) -> tuple[bool, list[str]]:
+        """(whether the reserved parameters were set by the proxy, reserved names a client sent).
+        Only a request carrying this model's secret is the proxy's; in any other request every
+        `pagedbackend_*` parameter is a client's."""
+        marker = parameters.pop(CONTROL_PARAMETER, None)
+        trusted = isinstance(marker, str) and hmac.compare_digest(marker.encode(), self.control_secret.encode())
+        if not trusted:
+            names = sorted(k for k in parameters if k.lower().startswith(RESERVED_PREFIX))
+            return False, names + ([CONTROL_PARAMETER] if marker is not None else [])
+        rejected = str(parameters.pop(REJECTED_PARAMETER, "") or "")
+        names = [n for n in rejected.split(",") if n]
+        names += sorted(k for k in parameters if k.lower().startswith(RESERVED_PREFIX)
+                        and k not in (KEY_PARAMETER, CANCEL_PARAMETER))
+        return True, names
 
     async def infer(self, requests: list[Any]) -> AsyncIterator[list[dict[str, np.ndarray]]]:
         request = requests[0]  # batching=False: one request per call
         parameters = dict(request.parameters or {})
-        if CANCEL_PARAMETER in parameters:  # from the proxy: the client cancelled that request
-            logger.info("request %s cancelled by its client; aborting it", parameters[CANCEL_PARAMETER])
-            await self.engine.abort(str(parameters[CANCEL_PARAMETER]))
+        trusted, reserved = self._reserved_parameters(parameters)
+        if reserved:
+            names = ", ".join(dict.fromkeys(reserved))
+            raise RequestError(f"request parameter(s) {names} are reserved for the server's internal use")
+        if trusted and CANCEL_PARAMETER in parameters:  # from the proxy: the client cancelled that request
+            key = str(parameters[CANCEL_PARAMETER])
+            logger.info("request %s cancelled by its client; aborting it", key)
+            self.engine.abort_request(key)
             return
-        request_id = str(parameters.pop(KEY_PARAMETER, None) or uuid.uuid4().hex)
+        request_id = str((parameters.pop(KEY_PARAMETER, None) if trusted else None) or uuid.uuid4().hex)
+        with self._cv:
+            if not self._accepting:
+                raise RequestError("the server is shutting down; send the request again later")
+            self._running[request_id] = (asyncio.get_running_loop(), asyncio.current_task())
+        try:
+            async for response in self._generate(request, parameters, request_id):
+                yield response
+        except RequestError:
+            raise
+        except asyncio.CancelledError:
+            raise RequestError("the request was cancelled: the server is shutting down") from None
+        except Exception as e:  # noqa: BLE001 - never a traceback to the client
+            logger.exception("request %s failed", request_id)
+            raise RequestError(f"internal error ({type(e).__name__})") from None
+        finally:
+            with self._cv:
+                self._running.pop(request_id, None)
+                self._cv.notify_all()
+
+    async def _generate(self, request: Any, parameters: dict[str, Any],
+                        request_id: str) -> AsyncIterator[list[dict[str, np.ndarray]]]:
         try:
             req = parse_request(request.data, parameters)
         except InvalidRequest as e:
-            raise RequestError(str(e)) from None
+            raise RequestError(_naming_the_field(e)) from None
         final = None
         first = True
         try:
             async for out in self.engine.generate(req.prompt, req.params, request_id):
+                if self._aborting and not out.finished:
+                    self.engine.abort_request(request_id)  # submitted after abort_all looked
                 if req.stream:
                     yield [make_response(out, req, first)]
                     first = False
                 final = out
         except ValueError as e:  # the engine's own checks (prompt length, token ids)
-            raise RequestError(str(e)) from None
-        except Exception as e:  # noqa: BLE001 - a failed request; the message, not the stack
+            raise RequestError(_naming_the_field(e)) from None
+        except (RuntimeError, OSError) as e:  # the engine shut down, or failed this request
             raise RequestError(f"{type(e).__name__}: {e}") from None
         if not req.stream and final is not None:
             yield [make_response(final, req, True)]
+
+
+class _OneLineClientErrors(logging.Filter):
+    """PyTriton logs every exception of an infer function with its traceback; for the errors a
+    client caused (a RequestError) one line is enough."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if len(args) == 2 and isinstance(args[1], str) and "RequestError: " in args[1]:
+            message = args[1].rsplit("RequestError: ", 1)[1].strip()
+            record.msg, record.args, record.levelno, record.levelname = (
+                "request %s answered with an error: %s", (args[0], message), logging.INFO, "INFO")
+        return True
+
+
+_CLIENT_ERRORS_FILTER = _OneLineClientErrors()
 
 
 def bind_llm(triton: Any, engine_or_args: AsyncLLMEngine | EngineArgs, model_name: str = "pagedbackend",
@@ -217,8 +370,18 @@ def bind_llm(triton: Any, engine_or_args: AsyncLLMEngine | EngineArgs, model_nam
     every response's output names, dtypes and shapes against the model config."""
     engine = (AsyncLLMEngine.from_engine_args(engine_or_args, progress=False)
               if isinstance(engine_or_args, EngineArgs) else engine_or_args)
+    bind_model(triton, LLMModel(engine), model_name, model_version, strict)
+    return engine
+
+
+def bind_model(triton: Any, model: LLMModel, model_name: str = "pagedbackend", model_version: int = 1,
+               strict: bool = True) -> LLMModel:
+    """`bind_llm` for an `LLMModel` you keep (for its graceful-stop controls)."""
     use_cancel_aware_proxy(model_name)
-    triton.bind(model_name=model_name, infer_func=LLMModel(engine).infer, inputs=model_inputs(),
+    inference_logger = logging.getLogger("pytriton.proxy.inference")
+    if _CLIENT_ERRORS_FILTER not in inference_logger.filters:
+        inference_logger.addFilter(_CLIENT_ERRORS_FILTER)
+    triton.bind(model_name=model_name, infer_func=model.infer, inputs=model_inputs(),
                 outputs=model_outputs(), model_version=model_version,
                 config=ModelConfig(batching=False, decoupled=True), strict=strict)
-    return engine
+    return model

@@ -237,18 +237,90 @@ class TorchServe:
             time.sleep(0.5)
         raise TimeoutError(f"model {name} not ready after {timeout:.0f}s (last: {last}); logs in {self.log_dir}")
 
-    def stop(self, timeout: float = 60.0) -> None:
+    def stop(self, timeout: float = 10.0, force: bool = False) -> None:
+        """Stop within `timeout` + 3 s, leaving no process behind: SIGTERM to the Java frontend
+        (what `torchserve --stop` sends; it stops its workers and in-flight requests end), and
+        after `timeout` s (at once with `force`) SIGKILL to whatever is left of the server's
+        session: the launcher, the frontend and every Python worker, also those the frontend
+        left orphaned. A killed frontend's JVM perf file (/tmp/hsperfdata_<user>/<pid>) is removed."""
         process = getattr(self, "process", None)
         if process is None:
             return
-        if process.poll() is None:
-            subprocess.run([str(Path(sys.executable).with_name("torchserve")), "--stop"], cwd=self.workdir,
-                           env=self._env(), capture_output=True, timeout=timeout)
+        import contextlib
+        import signal
+
+        def stat(pid: int):
             try:
-                process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, 9)
-                process.wait(10)
+                text = Path(f"/proc/{pid}/stat").read_text()
+            except OSError:
+                return None
+            fields = text[text.rindex(")") + 2:].split()
+            return fields[0], int(fields[1]), int(fields[3]), int(fields[19])  # state, ppid, session, start
+
+        def members() -> dict[int, int]:
+            """pid -> start time of the launcher, its descendants and the rest of its session
+            (started with start_new_session, so orphans of the frontend are found too)."""
+            children: dict[int, list[int]] = {}
+            starts: dict[int, int] = {}
+            session: dict[int, int] = {}
+            for entry in os.listdir("/proc"):
+                if entry.isdigit() and (st := stat(int(entry))) is not None:
+                    children.setdefault(st[1], []).append(int(entry))
+                    starts[int(entry)] = st[3]
+                    if st[2] == process.pid:
+                        session[int(entry)] = st[3]
+            tree: dict[int, int] = {}
+            todo = [process.pid]
+            while todo:
+                pid = todo.pop()
+                if pid in starts and pid not in tree:
+                    tree[pid] = starts[pid]
+                    todo += children.get(pid, [])
+            tree.update(session)
+            tree.pop(os.getpid(), None)
+            return tree
+
+        def running(pid: int, start: int) -> bool:
+            st = stat(pid)
+            return st is not None and st[3] == start and st[0] != "Z"
+
+        def is_java(pid: int) -> bool:
+            try:
+                return os.path.basename(os.readlink(f"/proc/{pid}/exe")) == "java"
+            except OSError:
+                return False
+
+        seen = members()
+        javas = {pid for pid in seen if is_java(pid)}
+        if not force and process.poll() is None:
+            for pid in javas or {process.pid}:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and process.poll() is None:
+                seen.update(members())
+                time.sleep(0.1)
+        seen.update(members())
+        javas |= {pid for pid in seen if is_java(pid)}
+        left = {p: s for p, s in seen.items() if running(p, s)}
+        if left:
+            for pid in left:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 2.0
+            while time.monotonic() < deadline and any(running(p, s) for p, s in left.items()):
+                time.sleep(0.02)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(1.0)
+        for pid in javas:
+            if pid not in seen or not running(pid, seen[pid]):
+                for perf in Path("/tmp").glob(f"hsperfdata_*/{pid}"):  # the JVM's, always in /tmp
+                    with contextlib.suppress(OSError):
+                        perf.unlink()
+        if not any(running(p, s) for p, s in seen.items()):  # as `torchserve --stop` does
+            for stale in (self.workdir / "tmp" / ".model_server.pid", self.key_file):
+                with contextlib.suppress(OSError):
+                    stale.unlink()
         self._stdout.close()
         self.process = None
 

@@ -46,9 +46,11 @@ def main() -> None:
 
     print("== cancelling a long request after 3 chunks")
     client.start_stream(callback=lambda result, error: results.put((result, error)))
-    client.async_stream_infer(args.model, inputs("Tell me everything", {"max_tokens": 2000, "ignore_eos": True}))
+    client.async_stream_infer(args.model, inputs("Tell me everything", {"max_tokens": 400, "ignore_eos": True}))
     for _ in range(3):
-        results.get()
+        _, error = results.get()
+        if error:
+            raise SystemExit(f"error: {error}")
     client.stop_stream(cancel_requests=True)
     client.close()
     print("cancelled")
