@@ -14,39 +14,16 @@ import sys
 import time
 from typing import Sequence
 
-from pagedbackend.config import ATTENTION_BACKENDS, PREEMPTION_MODES, SCHEDULING_POLICIES, EngineArgs
+from pagedbackend.config import EngineArgs
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="Hugging Face model directory")
-    p.add_argument("--dtype", default="auto")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--kv-cache-memory-fraction", type=float, default=None)
-    p.add_argument("--max-num-seqs", type=int, default=256)
-    p.add_argument("--max-num-batched-tokens", type=int, default=None)
-    p.add_argument("--max-model-len", type=int, default=None)
-    p.add_argument("--no-prefix-caching", action="store_true")
-    p.add_argument("--no-chunked-prefill", action="store_true")
-    p.add_argument("--attention-backend", default="auto", choices=ATTENTION_BACKENDS)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scheduling-policy", default="fcfs", choices=SCHEDULING_POLICIES)
-    p.add_argument("--preemption-mode", default="recompute", choices=PREEMPTION_MODES)
-    p.add_argument("--swap-space", type=float, default=4.0, help="GiB of host memory for swapped-out KV blocks")
-    p.add_argument("--max-logprobs", type=int, default=20)
+    """A flag per EngineArgs field, generated from its declaration (pagedbackend/config.py)."""
+    EngineArgs.add_cli_args(p)
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
-    return EngineArgs(
-        model=ns.model, dtype=ns.dtype, device=ns.device, block_size=ns.block_size,
-        num_kv_blocks=ns.num_kv_blocks, kv_cache_memory_fraction=ns.kv_cache_memory_fraction,
-        max_num_seqs=ns.max_num_seqs, max_num_batched_tokens=ns.max_num_batched_tokens,
-        max_model_len=ns.max_model_len, enable_prefix_caching=not ns.no_prefix_caching,
-        enable_chunked_prefill=not ns.no_chunked_prefill, attention_backend=ns.attention_backend, seed=ns.seed,
-        scheduling_policy=ns.scheduling_policy, preemption_mode=ns.preemption_mode, swap_space=ns.swap_space,
-        max_logprobs=ns.max_logprobs,
-    )
+    return EngineArgs.from_cli_args(ns)
 
 
 def cmd_tiny_model(ns: argparse.Namespace) -> int:
@@ -99,79 +76,159 @@ def cmd_archive(ns: argparse.Namespace) -> int:
 
 
 def cmd_serve_torchserve(ns: argparse.Namespace) -> int:
+    import shutil
     import tempfile
     from pathlib import Path
 
     from pagedbackend.adapters.torchserve.launcher import TorchServe, build_archive
 
+    created = ns.workdir is None  # a temp dir of ours: removed on stop, logs included
     workdir = Path(ns.workdir or tempfile.mkdtemp(prefix="pagedbackend-torchserve-"))
-    store = workdir / "model_store"
-    name = ns.name or Path(ns.model).resolve().name
-    # The archive points at the model directory instead of copying it.
-    archive = build_archive(ns.model, name, store, ns.config, model_path=ns.model)
-    server = TorchServe(store, {name: archive.name}, workdir, host=ns.host, inference_port=ns.port,
-                        management_port=ns.management_port, metrics_port=ns.metrics_port,
-                        token_auth=not ns.disable_token_auth)
-    print(f"starting TorchServe in {workdir} ...", flush=True)
-    server.start(timeout=ns.timeout)
-    print(f"model {name!r} is ready\n"
-          f"  inference   {server.inference_url}/predictions/{name}\n"
-          f"  OpenAI      {server.inference_url}/predictions/{name}/1.0/v1\n"
-          f"  management  {server.management_url}\n"
-          f"  metrics     {server.metrics_url}/metrics\n"
-          f"  logs        {server.log_dir}")
-    if server.token_auth:
-        print(f"  token authorization is ON: keys in {server.key_file} (send 'Authorization: Bearer <inference key>')")
-    else:
-        print("  token authorization is OFF")
-    print("Ctrl-C to stop.", flush=True)
+    server = None
+
+    def start():
+        nonlocal server
+        store = workdir / "model_store"
+        name = ns.name or Path(ns.model).resolve().name
+        # The archive points at the model directory instead of copying it.
+        archive = build_archive(ns.model, name, store, ns.config, model_path=ns.model)
+        server = TorchServe(store, {name: archive.name}, workdir, host=ns.host, inference_port=ns.port,
+                            management_port=ns.management_port, metrics_port=ns.metrics_port,
+                            token_auth=not ns.disable_token_auth)
+        print(f"starting TorchServe in {workdir} ...", flush=True)
+        server.start(timeout=ns.timeout)
+        print(f"model {name!r} is ready\n"
+              f"  inference   {server.inference_url}/predictions/{name}\n"
+              f"  OpenAI      {server.inference_url}/predictions/{name}/1.0/v1\n"
+              f"  management  {server.management_url}\n"
+              f"  metrics     {server.metrics_url}/metrics\n"
+              f"  logs        {server.log_dir}" + (" (removed on stop)" if created else ""))
+        if server.token_auth:
+            print(f"  token authorization is ON: keys in {server.key_file} (send 'Authorization: Bearer <inference key>')")
+        else:
+            print("  token authorization is OFF")
+        print("Ctrl-C to stop.", flush=True)
+
+    def remove_workdir():
+        if created:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+    def force():
+        if server is not None:
+            server.stop(force=True)
+        remove_workdir()
+
+    started = False
     try:
-        wait_for_stop_signal(lambda: server.process.poll() is None)
+        started = wait_for_stop_signal(lambda: server.process is not None and server.process.poll() is None,
+                                       force=force, starting=start)
     finally:
         print("stopping TorchServe ...", flush=True)
-        server.stop()
-    return 0
+        begin = time.monotonic()
+        try:
+            if server is not None:
+                server.stop()
+        finally:
+            remove_workdir()
+        print(f"stopped in {time.monotonic() - begin:.1f}s", flush=True)
+    return 0 if started else 1
 
 
-def wait_for_stop_signal(alive) -> None:
+def wait_for_stop_signal(alive, force=None, starting=None) -> bool:
     """Block until SIGINT or SIGTERM (also when started in the background, where a shell
-    leaves SIGINT ignored), or until `alive()` turns false."""
+    leaves SIGINT ignored), or until `alive()` turns false.
+
+    `starting()`, when given, runs first; a signal while it runs interrupts it (it sees a
+    KeyboardInterrupt) and the call returns False. The handlers stay installed after the call:
+    while the caller then stops the server, a second signal calls `force()` (kill what the server
+    started, remove its files), prints "forcing exit" and ends the process at once with status
+    128 + the signal number."""
+    import os
     import signal
 
-    stopped = False
+    state = {"signals": 0, "starting": starting is not None}
 
-    def stop(*_):
-        nonlocal stopped
-        stopped = True
+    def on_signal(signum, _frame):
+        state["signals"] += 1
+        if state["signals"] == 1:
+            if state["starting"]:
+                state["starting"] = False  # the next signal forces exit, even during the stop that follows
+                raise KeyboardInterrupt
+            return
+        try:
+            print(f"second signal ({signal.Signals(signum).name}): forcing exit", flush=True)
+            if force is not None:
+                force()
+        finally:
+            os._exit(128 + signum)
 
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    while not stopped and alive():
-        time.sleep(0.5)
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    if starting is not None:
+        try:
+            starting()
+        except KeyboardInterrupt:
+            if state["signals"] == 0:
+                raise  # not our signal
+            return False
+        finally:
+            state["starting"] = False
+        if state["signals"]:
+            return True
+    while not state["signals"] and alive():
+        time.sleep(0.2)
+    return True
 
 
 def cmd_serve_pytriton(ns: argparse.Namespace) -> int:
+    import logging
+
     from pagedbackend.adapters.pytriton import PyTritonServer
 
     name = ns.name or "pagedbackend"
     server = PyTritonServer(engine_args_from(ns), model_name=name, host=ns.host, http_port=ns.http_port,
                             grpc_port=ns.grpc_port, metrics_port=ns.metrics_port,
                             engine_metrics_port=ns.engine_metrics_port)
-    print("starting Triton (PyTriton) ...", flush=True)
-    server.start()
-    print(f"model {name!r} is ready\n"
-          f"  HTTP            {server.http_url}/v2/models/{name}/generate_stream\n"
-          f"  gRPC            {server.grpc_url}\n"
-          f"  Triton metrics  http://{server.host}:{server.metrics_port}/metrics\n"
-          f"  engine metrics  {server.metrics.url}\n"
-          f"  workspace       {server.workspace} (removed on stop)\n"
-          "Ctrl-C to stop.", flush=True)
+
+    def stop_resource_tracker():
+        # PyTriton's tensor store starts this process's multiprocessing resource tracker; wait
+        # for it to finish here, so that no process of ours outlives the command.
+        try:
+            from multiprocessing import resource_tracker
+
+            resource_tracker._resource_tracker._stop()
+        except Exception:  # noqa: BLE001 - it then exits on its own, a moment later
+            pass
+
+    def force():
+        logging.disable(logging.CRITICAL)  # the threads still running would only report the kill
+        server.kill()
+        stop_resource_tracker()
+
+    def start():
+        print("starting Triton (PyTriton) ...", flush=True)
+        server.start()
+        print(f"model {name!r} is ready\n"
+              f"  HTTP            {server.http_url}/v2/models/{name}/generate_stream\n"
+              f"  gRPC            {server.grpc_url}\n"
+              f"  Triton metrics  http://{server.host}:{server.metrics_port}/metrics\n"
+              f"  engine metrics  {server.metrics.url}\n"
+              f"  workspace       {server.workspace} (removed on stop)\n"
+              f"On Ctrl-C / SIGTERM running requests get {server.drain_timeout:g}s to finish, then are aborted;\n"
+              f"stopping takes at most {server.stop_bound_s:.0f}s. A second Ctrl-C forces exit at once.\n"
+              "Ctrl-C to stop.", flush=True)
+
+    started = False
     try:
-        wait_for_stop_signal(lambda: server.triton.is_alive())
+        started = wait_for_stop_signal(lambda: server.triton is not None and server.triton.is_alive(),
+                                       force=force, starting=start)
     finally:
         print("stopping Triton ...", flush=True)
+        begin = time.monotonic()
         server.stop()
-    return 0
+        stop_resource_tracker()
+        print(f"stopped in {time.monotonic() - begin:.1f}s", flush=True)
+    return 0 if started else 1
 
 
 def build_parser() -> argparse.ArgumentParser:

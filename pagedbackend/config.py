@@ -1,179 +1,237 @@
 """Engine arguments (vLLM's `EngineArgs` names) and the resolved, validated configuration.
 
-`EngineArgs` is what users and adapters write; `EngineArgs.create_engine_config()` checks every
-field (a `ValueError` naming the field and the allowed values), reads the model directory and
-resolves the "auto" choices, so nothing invalid reaches the engine loop.
+Every setting is declared once, as an `EngineArgs` field made with `setting(...)`: its type (the
+annotation), default, help text, choices and limits. Everything else is generated from that
+declaration: the checks (`EngineArgs._check_fields`, and each sub-config's own validation), the
+command-line flags (`EngineArgs.add_cli_args` / `from_cli_args`), the README's configuration
+table (`python -m pagedbackend.config --write README.md`); tests/test_settings.py checks the
+table, the flags and the model-config.yaml template against it.
+
+`EngineArgs.create_engine_config()` checks every field (a `ValueError` naming the field and the
+allowed values), reads the model directory (`pagedbackend.models.ModelConfig`) and resolves the
+"auto" choices, the attention backend included (from the model's head size and window), into an
+`EngineConfig` made of typed sub-configs, so nothing invalid reaches the engine loop.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
-import json
+import functools
 import os
-from dataclasses import dataclass
+import re
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-}
-ATTENTION_BACKENDS = ("auto", "torch", "cpu", "triton")
-SCHEDULING_POLICIES = ("fcfs", "priority")
-PREEMPTION_MODES = ("recompute", "swap")
+from pagedbackend.attention import ATTENTION_BACKEND_CHOICES, AUTO_PRIORITY, BACKENDS, select_attention_backend
+from pagedbackend.models.config import DTYPE_NAMES, ModelConfig
+from pagedbackend.models.hf_config import HFConfig
+from pagedbackend.scheduler import PREEMPTION_MODES, SCHEDULING_POLICIES
+
+_DTYPES = DTYPE_NAMES  # compatibility alias
+ATTENTION_BACKENDS = ATTENTION_BACKEND_CHOICES
 LOAD_FORMATS = ("auto", "safetensors", "pt")
+BLOCK_SIZES = (8, 16, 32, 64, 128)
 # Default share of memory for the KV cache when neither num_kv_blocks nor a fraction is given.
 DEFAULT_KV_FRACTION = {"cuda": 0.9, "cpu": 0.2}
+# Default step token budget with chunked prefill (at least max_num_seqs).
+DEFAULT_CHUNKED_BUDGET = 2048
+DEFAULT_MAX_MODEL_LEN = 2048  # when the model declares no max_position_embeddings
 
 
-class HFConfig:
-    """Read-only attribute view of a Hugging Face `config.json`, with GPT-2's aliases."""
+# ---------------------------------------------------------------------------- declaring a setting
+def setting(default: Any = dataclasses.MISSING, *, help: str, choices: Sequence[Any] | None = None,
+            minimum: int | float | None = None, check: Callable[[Any], str | None] | None = None,
+            doc_default: str | None = None, negative_aliases: tuple[str, ...] = (), expects: str | None = None) -> Any:
+    """A dataclass field carrying its documentation and its constraints in `metadata`:
+    `help` (the README's "meaning", the flag's help), `choices`, `minimum`, `check` (a custom
+    rule: the reason the value is wrong, or None), `doc_default` (how the README and the help
+    show a default that is computed, e.g. "derived"), `negative_aliases` (extra spellings of a
+    boolean flag's --no-... form), `expects` (what a value of the wrong type is told to be)."""
+    metadata = {"help": help, "choices": tuple(choices) if choices is not None else None, "minimum": minimum,
+                "check": check, "doc_default": doc_default, "negative_aliases": negative_aliases,
+                "expects": expects}
+    if default is dataclasses.MISSING:
+        return field(metadata=metadata)
+    return field(default=default, metadata=metadata)
 
-    _ALIASES = {
-        "hidden_size": "n_embd",
-        "num_hidden_layers": "n_layer",
-        "num_attention_heads": "n_head",
-        "max_position_embeddings": "n_positions",
-    }
 
-    def __init__(self, data: Mapping[str, Any]) -> None:
-        self._data = dict(data)
+@dataclass(frozen=True)
+class Setting:
+    """One engine setting as declared: the typed view of an `EngineArgs` field."""
 
-    def get(self, key: str, default: Any = None) -> Any:
-        if key in self._data and self._data[key] is not None:
-            return self._data[key]
-        alias = self._ALIASES.get(key)
-        if alias is not None and self._data.get(alias) is not None:
-            return self._data[alias]
-        return default
+    name: str
+    accepts: tuple[type, ...]  # the annotation's types, None excluded; accepts[0] parses the flag
+    optional: bool  # None is a valid value (it means "derived")
+    default: Any  # dataclasses.MISSING when required
+    help: str
+    choices: tuple[Any, ...] | None
+    minimum: int | float | None
+    check: Callable[[Any], str | None] | None
+    doc_default: str | None
+    negative_aliases: tuple[str, ...]
+    expects: str | None = None
 
-    def __getattr__(self, key: str) -> Any:
-        if key.startswith("_"):
-            raise AttributeError(key)
-        value = self.get(key)
+    @property
+    def type(self) -> type:
+        return self.accepts[0]
+
+    @property
+    def required(self) -> bool:
+        return self.default is dataclasses.MISSING
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def documented_default(self) -> str:
+        """The default as the README table writes it."""
+        if self.doc_default is not None:
+            return self.doc_default
+        if self.required:
+            return "—"
+        value = self.default
+        if isinstance(value, bool):
+            return f"`{value}`"
+        if isinstance(value, str):
+            return f"`{value}`"
+        if isinstance(value, float):
+            return f"{value:g}"
+        return str(value)
+
+    def validate(self, value: Any) -> None:
+        """Raise a ValueError naming the setting when `value` is not allowed."""
+        name = self.name
         if value is None:
-            raise AttributeError(f"config.json has no {key!r}")
-        return value
-
-    def __contains__(self, key: str) -> bool:
-        return self.get(key) is not None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dict(self._data)
-
-
-@dataclass
-class ModelConfig:
-    """What the engine needs to know about a model directory before loading weights."""
-
-    path: Path
-    hf: HFConfig
-    architecture: str
-    eos_token_ids: tuple[int, ...]
-
-    @classmethod
-    def from_dir(cls, model: str | os.PathLike) -> "ModelConfig":
-        from pagedbackend.models import resolve_architecture
-
-        path = Path(model)
-        if not path.is_dir():
-            raise ValueError(
-                f"model: {str(model)!r} is not a directory; pass a local Hugging Face model "
-                "directory (config.json + *.safetensors)"
-            )
-        config_file = path / "config.json"
-        if not config_file.is_file():
-            raise ValueError(f"model: {str(path)!r} has no config.json, so it is not a Hugging Face model directory")
-        try:
-            data = json.loads(config_file.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ValueError(f"model: {config_file} is not valid JSON ({e})") from e
-        if not isinstance(data, dict):
-            raise ValueError(f"model: {config_file} must hold a JSON object")
-        hf = HFConfig(data)
-        architecture = resolve_architecture(hf)
-        for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
-            if not isinstance(hf.get(key), int) or hf.get(key) < 1:
-                raise ValueError(f"model: config.json field {key!r} must be a positive integer, got {hf.get(key)!r}")
-        return cls(path=path, hf=hf, architecture=architecture, eos_token_ids=_read_eos_ids(path, hf))
-
-    @property
-    def vocab_size(self) -> int:
-        return self.hf.vocab_size
-
-    @property
-    def num_layers(self) -> int:
-        return self.hf.num_hidden_layers
-
-    @property
-    def num_heads(self) -> int:
-        return self.hf.num_attention_heads
-
-    @property
-    def num_kv_heads(self) -> int:
-        return self.hf.get("num_key_value_heads", self.num_heads)
-
-    @property
-    def head_dim(self) -> int:
-        return self.hf.get("head_dim") or self.hf.hidden_size // self.num_heads
-
-    @property
-    def max_position_embeddings(self) -> int | None:
-        return self.hf.get("max_position_embeddings")
-
-    @property
-    def declared_dtype(self) -> torch.dtype | None:
-        name = self.hf.get("dtype") or self.hf.get("torch_dtype")
-        return _DTYPES.get(str(name).replace("torch.", "")) if name else None
+            if self.optional:
+                return
+            raise ValueError(f"{name} is required (got None)")
+        kind = self.type
+        if kind is bool:
+            if not isinstance(value, bool):
+                raise ValueError(f"{name} must be true or false, got {value!r}")
+        elif kind is int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer, got {value!r}")
+        elif kind is float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
+        elif not isinstance(value, self.accepts):
+            raise ValueError(f"{name} must be {self.expects or 'a ' + kind.__name__}, got {value!r}")
+        if self.choices is not None and value not in self.choices:
+            raise ValueError(f"{name} must be one of {', '.join(map(str, self.choices))}; got {value!r}")
+        if self.minimum is not None and value < self.minimum:
+            raise ValueError(f"{name} must be at least {self.minimum}, got {value}")
+        if self.check is not None:
+            reason = self.check(value)
+            if reason is not None:
+                raise ValueError(f"{name} {reason}")
 
 
-def _read_eos_ids(path: Path, hf: HFConfig) -> tuple[int, ...]:
-    """EOS ids from generation_config.json (what `generate()` stops on), else config.json."""
-    value: Any = None
-    gen = path / "generation_config.json"
-    if gen.is_file():
-        try:
-            value = json.loads(gen.read_text()).get("eos_token_id")
-        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
-            value = None
-    if value is None:
-        value = hf.get("eos_token_id")
-    if value is None:
-        return ()
-    ids = value if isinstance(value, list) else [value]
-    return tuple(int(i) for i in ids)
+def _check_model(value: Any) -> str | None:
+    return None if str(value) else "must be a path to a model directory, got ''"
 
 
+def _check_device(value: str) -> str | None:
+    if value in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", value):
+        return None
+    return f"must be one of auto, cpu, cuda, cuda:N; got {value!r}"
+
+
+def _check_fraction(value: float) -> str | None:
+    return None if 0.0 < value <= 1.0 else f"must be in (0, 1], got {value!r}"
+
+
+def _check_swap_space(value: float) -> str | None:
+    return None if value >= 0 else f"must be a non-negative number of GiB, got {value!r}"
+
+
+def _check_tensor_parallel(value: int) -> str | None:
+    if value == 1:
+        return None
+    return f"must be 1 for now (got {value}); tensor parallelism is not implemented yet"
+
+
+# ---------------------------------------------------------------------------- EngineArgs
 @dataclass
 class EngineArgs:
-    """Every engine setting, with vLLM's names where vLLM has one."""
+    """Every engine setting, with vLLM's names where vLLM has one. The declaration order is
+    the README table's and the flags' order."""
 
-    model: str
-    tokenizer: str | None = None
-    dtype: str = "auto"
-    device: str = "auto"
-    block_size: int = 16
-    num_kv_blocks: int | None = None
-    kv_cache_memory_fraction: float | None = None
-    max_num_seqs: int = 256
-    max_num_batched_tokens: int | None = None
-    max_model_len: int | None = None
-    enable_prefix_caching: bool = True
-    enable_chunked_prefill: bool = True
-    attention_backend: str = "auto"
-    seed: int = 0
-    tensor_parallel_size: int = 1
-    load_format: str = "auto"
-    scheduling_policy: str = "fcfs"
-    preemption_mode: str = "recompute"
-    swap_space: float = 4.0  # GiB of host memory for swapped-out KV blocks (preemption_mode="swap")
-    max_logprobs: int = 20
-    # Text prompts longer than this are refused before tokenizing (a 413); default: the most
-    # characters max_model_len tokens could ever cover, so only prompts that cannot fit.
-    max_prompt_chars: int | None = None
+    model: str | os.PathLike = setting(help="Hugging Face model directory", check=_check_model,
+                                       expects="a path to a model directory")
+    tokenizer: str | os.PathLike | None = setting(
+        None, doc_default="model dir", expects="a path to a tokenizer directory",
+        help="tokenizer directory (anything `AutoTokenizer.from_pretrained` loads)")
+    dtype: str = setting(
+        "auto", choices=("auto", *DTYPE_NAMES),
+        help="`auto`, `float32`, `float16`, `bfloat16` (or `fp32`, `half`, `bf16`, ...); `auto` = the "
+             "checkpoint's dtype on GPU, float32 on CPU")
+    device: str = setting("auto", check=_check_device, help="`auto`, `cpu`, `cuda`, `cuda:N`")
+    block_size: int = setting(16, choices=BLOCK_SIZES,
+                              help="tokens per KV block (" + ", ".join(map(str, BLOCK_SIZES)) + ")")
+    num_kv_blocks: int | None = setting(None, minimum=1, doc_default="derived",
+                                        help="size of the KV pool in blocks; overrides the memory fraction")
+    kv_cache_memory_fraction: float | None = setting(
+        None, check=_check_fraction,
+        doc_default=f"{DEFAULT_KV_FRACTION['cuda']:g} GPU / {DEFAULT_KV_FRACTION['cpu']:g} CPU",
+        help="share of device memory (after weights) for the KV cache; capped at what `max_num_seqs` "
+             "full-length sequences can use")
+    max_num_seqs: int = setting(256, minimum=1, help="sequences computed per step at most")
+    max_num_batched_tokens: int | None = setting(
+        None, minimum=1, doc_default=f"{DEFAULT_CHUNKED_BUDGET} (chunked)",
+        help="token budget of one step (prefill chunks + decodes); default: "
+             f"max({DEFAULT_CHUNKED_BUDGET}, `max_num_seqs`) with chunked prefill, else max(`max_model_len`, "
+             "`max_num_seqs`)")
+    max_model_len: int | None = setting(None, minimum=2, doc_default="model's max positions",
+                                        help="prompt + output limit per sequence")
+    enable_prefix_caching: bool = setting(
+        True, negative_aliases=("--no-prefix-caching",),
+        help="reuse KV blocks of identical prefixes (chained block hashes)")
+    enable_chunked_prefill: bool = setting(
+        True, negative_aliases=("--no-chunked-prefill",),
+        help="split long prompts across steps, mixed with decodes")
+    attention_backend: str = setting(
+        "auto", choices=ATTENTION_BACKEND_CHOICES,
+        help="`torch` (reference), `cpu` (native decode kernel), `triton`; `auto` takes the first that fits "
+             "the device, dtype, model's head size and window, and block size: "
+             + ", ".join(" then ".join(f"`{b}`" for b in order) + f" on {device.upper()}"
+                         for device, order in AUTO_PRIORITY.items())
+             + " (else an error gives each backend's reason)")
+    seed: int = setting(0, minimum=0, help="seed of the engine's sampler (per-request `seed` overrides)")
+    tensor_parallel_size: int = setting(1, minimum=1, check=_check_tensor_parallel,
+                                        help="only 1 for now; the model code is written column/row-parallel")
+    load_format: str = setting("auto", choices=LOAD_FORMATS,
+                               help="`auto` / `safetensors`, or `pt` to allow pickle weights")
+    scheduling_policy: str = setting(
+        "fcfs", choices=SCHEDULING_POLICIES,
+        help="`fcfs`, or `priority`: lower `priority` (per request) is served first, preempted last, and may "
+             "preempt less urgent running requests to start")
+    preemption_mode: str = setting(
+        "recompute", choices=PREEMPTION_MODES,
+        help="`recompute` (drop the KV, recompute later), or `swap` (copy the blocks to host memory and back; "
+             "falls back to recompute when the host pool is full, and for beams)")
+    swap_space: float = setting(
+        4.0, check=_check_swap_space,
+        help="GiB of host memory for swapped-out blocks (allocated only with `preemption_mode=\"swap\"`)")
+    max_logprobs: int = setting(20, minimum=0,
+                                help="largest `logprobs` / `prompt_logprobs` a request may ask for")
+    max_prompt_chars: int | None = setting(
+        None, minimum=1, doc_default="derived",
+        help="text prompts longer than this are refused before tokenizing; default: twice the characters "
+             "`max_model_len` tokens of the vocabulary's longest entries could cover, so only prompts that "
+             "cannot fit")
+
+    @classmethod
+    def settings(cls) -> tuple[Setting, ...]:
+        return engine_settings()
 
     @classmethod
     def field_names(cls) -> list[str]:
@@ -191,58 +249,45 @@ class EngineArgs:
             raise ValueError("model: the model directory is required")
         return cls(**dict(values))
 
+    # ------------------------------------------------------------------ command line
+    @classmethod
+    def add_cli_args(cls, parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        """One flag per setting: `--block-size`, booleans as `--x/--no-x`, plus the declared
+        aliases (`--no-prefix-caching`)."""
+        for s in engine_settings():
+            text = _plain(s.help)
+            if not s.required:
+                text += f" (default: {_plain(s.documented_default)})"
+            text = text.replace("%", "%%")
+            if s.type is bool:
+                parser.add_argument(s.flag, dest=s.name, action=argparse.BooleanOptionalAction, default=s.default,
+                                    help=text)
+                for alias in s.negative_aliases:
+                    parser.add_argument(alias, dest=s.name, action="store_false",
+                                        help=f"same as --no-{s.flag[2:]}")
+                continue
+            kwargs: dict[str, Any] = {"dest": s.name, "type": s.type if s.type in (int, float) else str,
+                                      "help": text}
+            if s.choices is not None:
+                kwargs["choices"] = s.choices
+            if s.required:
+                kwargs["required"] = True
+            else:
+                kwargs["default"] = s.default
+            parser.add_argument(s.flag, **kwargs)
+        return parser
+
+    @classmethod
+    def from_cli_args(cls, ns: argparse.Namespace) -> "EngineArgs":
+        return cls(**{s.name: getattr(ns, s.name) for s in engine_settings()})
+
+    # ------------------------------------------------------------------ checks
     def _check_fields(self) -> None:
-        def want_int(name: str, minimum: int, optional: bool = False) -> None:
-            value = getattr(self, name)
-            if value is None and optional:
-                return
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
-            if value < minimum:
-                raise ValueError(f"{name} must be at least {minimum}, got {value}")
-
-        def want_choice(name: str, choices: tuple[str, ...]) -> None:
-            value = getattr(self, name)
-            if value not in choices:
-                raise ValueError(f"{name} must be one of {', '.join(choices)}; got {value!r}")
-
-        def want_bool(name: str) -> None:
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
-
-        if not isinstance(self.model, (str, os.PathLike)) or not str(self.model):
-            raise ValueError(f"model must be a path to a model directory, got {self.model!r}")
-        want_choice("dtype", ("auto", *_DTYPES))
-        if not (self.device in ("auto", "cpu", "cuda") or str(self.device).startswith("cuda:")):
-            raise ValueError(f"device must be one of auto, cpu, cuda, cuda:N; got {self.device!r}")
-        want_int("block_size", 1)
-        if self.block_size not in (8, 16, 32, 64, 128):
-            raise ValueError(f"block_size must be one of 8, 16, 32, 64, 128; got {self.block_size}")
-        want_int("num_kv_blocks", 1, optional=True)
-        if self.kv_cache_memory_fraction is not None:
-            f = self.kv_cache_memory_fraction
-            if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0:
-                raise ValueError(f"kv_cache_memory_fraction must be in (0, 1], got {f!r}")
-        want_int("max_num_seqs", 1)
-        want_int("max_num_batched_tokens", 1, optional=True)
-        want_int("max_model_len", 2, optional=True)
-        want_bool("enable_prefix_caching")
-        want_bool("enable_chunked_prefill")
-        want_choice("attention_backend", ATTENTION_BACKENDS)
-        want_int("seed", 0)
-        want_int("tensor_parallel_size", 1)
-        if self.tensor_parallel_size != 1:
-            raise ValueError(f"tensor_parallel_size must be 1 for now (got {self.tensor_parallel_size}); "
-                             "tensor parallelism is not implemented yet")
-        want_choice("load_format", LOAD_FORMATS)
-        want_choice("scheduling_policy", SCHEDULING_POLICIES)
-        want_choice("preemption_mode", PREEMPTION_MODES)
-        if isinstance(self.swap_space, bool) or not isinstance(self.swap_space, (int, float)) or self.swap_space < 0:
-            raise ValueError(f"swap_space must be a non-negative number of GiB, got {self.swap_space!r}")
+        """Each field against its declaration, and the rules across fields that need no model."""
+        for s in engine_settings():
+            s.validate(getattr(self, s.name))
         if self.preemption_mode == "swap" and self.swap_space == 0:
             raise ValueError("swap_space must be positive when preemption_mode is 'swap'")
-        want_int("max_logprobs", 0)
-        want_int("max_prompt_chars", 1, optional=True)
 
     def create_engine_config(self) -> "EngineConfig":
         self._check_fields()
@@ -259,43 +304,30 @@ class EngineArgs:
             if device == "cpu" and dtype != torch.float32:
                 dtype = torch.float32  # half-precision matmuls are far slower than fp32 on CPUs without AMX
         else:
-            dtype = _DTYPES[self.dtype]
+            dtype = DTYPE_NAMES[self.dtype]
 
         max_pos = model_config.max_position_embeddings
-        max_model_len = self.max_model_len or max_pos or 2048
+        max_model_len = self.max_model_len or max_pos or DEFAULT_MAX_MODEL_LEN
         if max_pos is not None and max_model_len > max_pos:
             raise ValueError(f"max_model_len={max_model_len} exceeds the model's max_position_embeddings={max_pos}")
 
         if self.max_num_batched_tokens is not None:
             max_batched = self.max_num_batched_tokens
         elif self.enable_chunked_prefill:
-            max_batched = max(2048, self.max_num_seqs)
+            max_batched = max(DEFAULT_CHUNKED_BUDGET, self.max_num_seqs)
         else:
             max_batched = max(max_model_len, self.max_num_seqs)
-        if max_batched < self.max_num_seqs:
-            raise ValueError(f"max_num_batched_tokens={max_batched} must be at least max_num_seqs={self.max_num_seqs}, "
-                             "or some running requests could not be scheduled")
-        if not self.enable_chunked_prefill and max_batched < max_model_len:
-            raise ValueError(f"max_num_batched_tokens={max_batched} must be at least max_model_len={max_model_len} "
-                             "when enable_chunked_prefill is false (a whole prompt must fit one step)")
+        scheduler_config = SchedulerConfig(
+            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=max_batched, max_model_len=max_model_len,
+            enable_chunked_prefill=self.enable_chunked_prefill, scheduling_policy=self.scheduling_policy,
+            preemption_mode=self.preemption_mode)
 
-        backend = self.attention_backend
-        if backend == "auto":
-            if device.startswith("cuda"):
-                backend = "triton" if _triton_available() else "torch"
-            else:
-                backend = "cpu" if dtype == torch.float32 and _native_cpu_available() else "torch"
-        if backend == "cpu" and device != "cpu":
-            raise ValueError(f"attention_backend='cpu' runs on the CPU only, but device={device!r}")
-        if backend == "triton":
-            if not _triton_available():
-                raise ValueError("attention_backend='triton' needs the triton package (pip install triton)")
-            if self.block_size < 16:
-                raise ValueError(f"block_size must be at least 16 with attention_backend='triton' (tensor-core "
-                                 f"dots need 16 rows), got {self.block_size}")
-            if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-                raise ValueError("attention_backend='triton' on the CPU runs in Triton's interpreter: set "
-                                 "TRITON_INTERPRET=1 before importing pagedbackend (slow; for tests)")
+        # The backend depends on the model (head size, window, GQA group): chosen here, where
+        # the model directory has been read, before any weight is loaded.
+        backend = select_attention_backend(
+            self.attention_backend, device, dtype, head_size=model_config.head_dim, block_size=self.block_size,
+            sliding_window=model_config.sliding_window, logits_soft_cap=model_config.logits_soft_cap,
+            num_queries_per_kv=max(1, model_config.num_heads // model_config.num_kv_heads))
 
         kv_fraction = self.kv_cache_memory_fraction
         if kv_fraction is None and self.num_kv_blocks is None:
@@ -303,65 +335,238 @@ class EngineArgs:
 
         return EngineConfig(
             model_config=model_config,
-            tokenizer=self.tokenizer or str(model_config.path),
-            device=device,
-            dtype=dtype,
-            block_size=self.block_size,
-            num_kv_blocks=self.num_kv_blocks,
-            kv_cache_memory_fraction=kv_fraction,
-            max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=max_batched,
-            max_model_len=max_model_len,
-            enable_prefix_caching=self.enable_prefix_caching,
-            enable_chunked_prefill=self.enable_chunked_prefill,
+            cache_config=CacheConfig(block_size=self.block_size, num_kv_blocks=self.num_kv_blocks,
+                                     kv_cache_memory_fraction=kv_fraction,
+                                     enable_prefix_caching=self.enable_prefix_caching,
+                                     swap_space=float(self.swap_space)),
+            scheduler_config=scheduler_config,
+            device_config=DeviceConfig(device=device, dtype=dtype),
+            parallel_config=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
+            load_config=LoadConfig(load_format=self.load_format),
+            tokenizer=str(self.tokenizer or model_config.path),
             attention_backend=backend,
             seed=self.seed,
-            tensor_parallel_size=self.tensor_parallel_size,
-            load_format=self.load_format,
-            scheduling_policy=self.scheduling_policy,
-            preemption_mode=self.preemption_mode,
-            swap_space=float(self.swap_space),
             max_logprobs=self.max_logprobs,
             max_prompt_chars=self.max_prompt_chars,
         )
 
 
-def _native_cpu_available() -> bool:
-    from pagedbackend.kernels import cpu_native
+def _type_args(hint: Any) -> tuple[tuple[type, ...], bool]:
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = typing.get_args(hint)
+        kinds = tuple(a for a in args if a is not type(None))
+        return kinds, len(kinds) < len(args)
+    return (hint,), False
 
-    return cpu_native.load() is not None
+
+@functools.cache
+def engine_settings() -> tuple[Setting, ...]:
+    """Every EngineArgs setting in declaration order, with its resolved type."""
+    hints = typing.get_type_hints(EngineArgs)
+    out = []
+    for f in dataclasses.fields(EngineArgs):
+        accepts, optional = _type_args(hints[f.name])
+        m = f.metadata
+        out.append(Setting(name=f.name, accepts=accepts, optional=optional, default=f.default, help=m["help"],
+                           choices=m["choices"], minimum=m["minimum"], check=m["check"],
+                           doc_default=m["doc_default"], negative_aliases=m["negative_aliases"],
+                           expects=m["expects"]))
+    return tuple(out)
 
 
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def _setting(name: str) -> Setting:
+    return next(s for s in engine_settings() if s.name == name)
+
+
+def _plain(text: str) -> str:
+    return text.replace("`", "")
+
+
+def _validate_fields(obj: Any, *names: str) -> None:
+    """A sub-config checks its fields against the EngineArgs declarations of the same name."""
+    for name in names:
+        _setting(name).validate(getattr(obj, name))
+
+
+# ---------------------------------------------------------------------------- resolved sub-configs
+@dataclass
+class CacheConfig:
+    """The KV cache: block size, pool size (blocks, or a memory share), prefix caching, swap pool.
+    `num_kv_blocks` is final once the model runner has sized the cache."""
+
+    block_size: int
+    num_kv_blocks: int | None
+    kv_cache_memory_fraction: float | None
+    enable_prefix_caching: bool = True
+    swap_space: float = 4.0  # GiB of host memory for swapped-out KV blocks
+
+    def __post_init__(self) -> None:
+        _validate_fields(self, "block_size", "num_kv_blocks", "kv_cache_memory_fraction", "enable_prefix_caching",
+                         "swap_space")
+
+
+@dataclass
+class SchedulerConfig:
+    """What the scheduler needs: per-step limits, the sequence length limit, policies."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int
+    enable_chunked_prefill: bool = True
+    scheduling_policy: str = "fcfs"
+    preemption_mode: str = "recompute"
+
+    def __post_init__(self) -> None:
+        if self.max_num_batched_tokens is None:
+            raise ValueError("max_num_batched_tokens must be resolved to an integer in a SchedulerConfig")
+        _validate_fields(self, "max_num_seqs", "max_num_batched_tokens", "max_model_len", "enable_chunked_prefill",
+                         "scheduling_policy", "preemption_mode")
+        if self.max_num_batched_tokens < self.max_num_seqs:
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be at least "
+                             f"max_num_seqs={self.max_num_seqs}, or some running requests could not be scheduled")
+        if not self.enable_chunked_prefill and self.max_num_batched_tokens < self.max_model_len:
+            raise ValueError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be at least "
+                             f"max_model_len={self.max_model_len} when enable_chunked_prefill is false (a whole "
+                             "prompt must fit one step)")
+
+
+@dataclass
+class ParallelConfig:
+    tensor_parallel_size: int = 1
+
+    def __post_init__(self) -> None:
+        _validate_fields(self, "tensor_parallel_size")
+
+
+@dataclass
+class DeviceConfig:
+    """The resolved device ("cpu", "cuda", "cuda:N"; never "auto") and compute dtype."""
+
+    device: str
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        if self.device == "auto":
+            raise ValueError("device must be resolved (cpu, cuda or cuda:N) in a DeviceConfig, got 'auto'")
+        _validate_fields(self, "device")
+        if self.dtype not in set(DTYPE_NAMES.values()):
+            raise ValueError(f"dtype must be one of float32, float16, bfloat16; got {self.dtype!r}")
+
+
+@dataclass
+class LoadConfig:
+    load_format: str = "auto"
+
+    def __post_init__(self) -> None:
+        _validate_fields(self, "load_format")
+
+
+class _Flat:
+    """`EngineConfig.<name>`, read and written through to the sub-config that owns it, so code
+    written against the flat config (`config.block_size`, `config.num_kv_blocks = n`) keeps working."""
+
+    def __init__(self, owner: str) -> None:
+        self.owner = owner
+
+    def __set_name__(self, cls: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, cls: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return getattr(getattr(obj, self.owner), self.name)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        setattr(getattr(obj, self.owner), self.name, value)
 
 
 @dataclass
 class EngineConfig:
-    """Resolved configuration; `num_kv_blocks` is final once the model runner has sized the cache."""
+    """Resolved configuration: the model, typed sub-configs, and the engine-wide settings."""
 
     model_config: ModelConfig
+    cache_config: CacheConfig
+    scheduler_config: SchedulerConfig
+    device_config: DeviceConfig
     tokenizer: str
-    device: str
-    dtype: torch.dtype
-    block_size: int
-    num_kv_blocks: int | None
-    kv_cache_memory_fraction: float | None
-    max_num_seqs: int
-    max_num_batched_tokens: int
-    max_model_len: int
-    enable_prefix_caching: bool
-    enable_chunked_prefill: bool
-    attention_backend: str
-    seed: int
-    tensor_parallel_size: int = 1
-    load_format: str = "auto"
-    scheduling_policy: str = "fcfs"
-    preemption_mode: str = "recompute"
-    swap_space: float = 4.0
+    attention_backend: str  # resolved: a name in pagedbackend.attention.BACKENDS, never "auto"
+    parallel_config: ParallelConfig = field(default_factory=ParallelConfig)
+    load_config: LoadConfig = field(default_factory=LoadConfig)
+    seed: int = 0
     max_logprobs: int = 20
     max_prompt_chars: int | None = None
+
+    # Flat views (not dataclass fields: no annotations).
+    block_size = _Flat("cache_config")
+    num_kv_blocks = _Flat("cache_config")
+    kv_cache_memory_fraction = _Flat("cache_config")
+    enable_prefix_caching = _Flat("cache_config")
+    swap_space = _Flat("cache_config")
+    max_num_seqs = _Flat("scheduler_config")
+    max_num_batched_tokens = _Flat("scheduler_config")
+    max_model_len = _Flat("scheduler_config")
+    enable_chunked_prefill = _Flat("scheduler_config")
+    scheduling_policy = _Flat("scheduler_config")
+    preemption_mode = _Flat("scheduler_config")
+    device = _Flat("device_config")
+    dtype = _Flat("device_config")
+    tensor_parallel_size = _Flat("parallel_config")
+    load_format = _Flat("load_config")
+
+    def __post_init__(self) -> None:
+        if self.attention_backend not in BACKENDS:
+            raise ValueError(f"attention_backend must be resolved to one of {', '.join(BACKENDS)} in an "
+                             f"EngineConfig, got {self.attention_backend!r}")
+        if not isinstance(self.tokenizer, str) or not self.tokenizer:
+            raise ValueError(f"tokenizer must be a path to a tokenizer directory, got {self.tokenizer!r}")
+        _validate_fields(self, "seed", "max_logprobs", "max_prompt_chars")
+        if self.preemption_mode == "swap" and self.swap_space == 0:
+            raise ValueError("swap_space must be positive when preemption_mode is 'swap'")
+
+
+# ---------------------------------------------------------------------------- the README table
+README_HEADING = "## Configuration (`EngineArgs`, also `LLM(**kwargs)`)"
+
+
+def config_table_markdown() -> str:
+    """The README's configuration table, one row per setting in declaration order."""
+    rows = ["| argument | default | meaning |", "|---|---|---|"]
+    for s in engine_settings():
+        rows.append(f"| `{s.name}` | {s.documented_default} | {s.help} |")
+    return "\n".join(rows) + "\n"
+
+
+def write_readme_table(path: str | os.PathLike) -> bool:
+    """Replace the table under README_HEADING with `config_table_markdown()`; True if it changed."""
+    readme = Path(path)
+    text = readme.read_text()
+    start = text.index(README_HEADING) + len(README_HEADING)
+    table_start = text.index("\n|", start) + 1
+    end = table_start
+    while end < len(text) and text.startswith("|", end):
+        end = text.index("\n", end) + 1
+    new = text[:table_start] + config_table_markdown() + text[end:]
+    if new != text:
+        readme.write_text(new)
+    return new != text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pagedbackend.config",
+                                     description="print (or write into a README) the configuration table")
+    parser.add_argument("--write", metavar="README", default=None, help="replace the table in this file")
+    ns = parser.parse_args(argv)
+    if ns.write:
+        print(("updated " if write_readme_table(ns.write) else "unchanged: ") + ns.write)
+    else:
+        sys.stdout.write(config_table_markdown())
+    return 0
+
+
+__all__ = ["ATTENTION_BACKENDS", "BLOCK_SIZES", "CacheConfig", "DeviceConfig", "EngineArgs", "EngineConfig",
+           "HFConfig", "LOAD_FORMATS", "LoadConfig", "ModelConfig", "PREEMPTION_MODES", "ParallelConfig",
+           "SCHEDULING_POLICIES", "SchedulerConfig", "Setting", "config_table_markdown", "engine_settings",
+           "setting"]
+
+if __name__ == "__main__":
+    sys.exit(main())

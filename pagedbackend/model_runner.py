@@ -19,7 +19,6 @@ from pagedbackend.attention import get_attention_backend
 from pagedbackend.attention.metadata import AttentionMetadata
 from pagedbackend.config import EngineConfig
 from pagedbackend.input_batch import InputBatch, StepInputs
-from pagedbackend.kernels.layout import kv_cache_shape
 from pagedbackend.models.loader import load_model
 from pagedbackend.sampler import Sampler, SamplingBatch, gather_logprobs
 from pagedbackend.step import RunnerOutput, SchedulerOutput
@@ -46,7 +45,7 @@ class ModelRunner:
                 f"max_model_len={config.max_model_len} (needs {min_blocks}); give the KV cache more memory "
                 "(num_kv_blocks / kv_cache_memory_fraction) or lower max_model_len"
             )
-        shape = kv_cache_shape(self.num_blocks, self.num_kv_heads, self.block_size, self.head_dim)
+        shape = self.backend.get_kv_cache_shape(self.num_blocks, self.num_kv_heads, self.block_size, self.head_dim)
         # One tensor for every layer's K and V ([layers, 2, *shape]), so a block copy is one
         # operation over all layers. Zeros, not empty: padded block-table entries are read
         # (then masked), and must be finite.
@@ -61,7 +60,8 @@ class ModelRunner:
         if config.preemption_mode == "swap":
             self.num_host_blocks = int(config.swap_space * 2**30 // self.bytes_per_block)
             # Empty: a host block is always written (swap out) before it is read (swap in).
-            host_shape = kv_cache_shape(self.num_host_blocks, self.num_kv_heads, self.block_size, self.head_dim)
+            host_shape = self.backend.get_kv_cache_shape(self.num_host_blocks, self.num_kv_heads, self.block_size,
+                                                         self.head_dim)
             self.host_cache = torch.empty((len(layers), 2, *host_shape), dtype=config.dtype,
                                           pin_memory=self.device.type == "cuda")
             logger.info("swap space: %d host blocks (%.1f GiB)", self.num_host_blocks, config.swap_space)

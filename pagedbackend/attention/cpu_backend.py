@@ -9,15 +9,40 @@ import torch
 
 from pagedbackend.attention.metadata import AttentionMetadata
 from pagedbackend.attention.torch_backend import TorchAttentionBackend
+from pagedbackend.kernels import cpu_native
 from pagedbackend.kernels.cpu_native import NativeKernels
 
 
 class CpuAttentionBackend(TorchAttentionBackend):
+    """Declared: the CPU only, float32 (what the native kernel takes), every head and block
+    size, sliding windows, GQA groups up to 64 (MAX_GROUP in paged_attention_cpu.c); needs the
+    native kernel built (a C compiler). Per-step state: the torch backend's."""
+
     name = "cpu"
+    device_types = ("cpu",)
+    dtypes = (torch.float32,)
+    min_head_size, max_head_size = 1, None
+    block_sizes = None
+    supports_sliding_window = True
+    supports_logits_soft_cap = False
+    max_queries_per_kv = 64
 
     def __init__(self, kernels: NativeKernels) -> None:
         super().__init__()
         self.kernels = kernels
+
+    @classmethod
+    def unavailable_reason(cls, device_type: str) -> str | None:
+        if cpu_native.load() is None:
+            return "needs the native CPU kernel, which could not be built (no C compiler?); use 'torch'"
+        return None
+
+    @classmethod
+    def create(cls) -> "CpuAttentionBackend":
+        kernels = cpu_native.load()
+        if kernels is None:
+            raise ValueError(f"attention_backend='cpu' {cls.unavailable_reason('cpu')}")
+        return cls(kernels)
 
     def _decode_chunks(self, meta: AttentionMetadata, key_cache: torch.Tensor) -> list:
         if key_cache.dtype != torch.float32:

@@ -1,13 +1,13 @@
 """Per-step description of the flattened batch that attention backends read.
 
-The model runner fills it from a scheduler decision; backends may attach precomputed helpers
-(gather indices, masks) in `prepare()`, once per step instead of once per layer.
+The model runner fills it from a scheduler decision; a backend's `prepare()` attaches its typed
+per-step state (gather indices, masks, split counts: one dataclass per backend) as
+`backend_state`, once per step instead of once per layer.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 
@@ -28,7 +28,8 @@ class AttentionMetadata:
     # Host copies, so CPU-side loops never synchronise with the device.
     query_start_loc_host: list[int]
     seq_lens_host: list[int]
-    extra: dict[str, Any] = field(default_factory=dict)
+    # The backend's per-step state, set by its prepare() (e.g. TorchAttentionState).
+    backend_state: object | None = None
 
     @property
     def num_prefills(self) -> int:

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from pagedbackend.attention.base import AttentionBackend
 from pagedbackend.attention.metadata import AttentionMetadata
 from pagedbackend.kernels.layout import slot_to_rows
 
@@ -46,8 +47,25 @@ class _DecodeChunk:
         return self.masks[key]
 
 
-class TorchAttentionBackend:
+@dataclass
+class TorchAttentionState:
+    """The torch (and cpu) backend's per-step state, built once by prepare() for every layer."""
+
+    write_rows: torch.Tensor  # cache rows the step's new K/V go to (token-major, see slot_to_rows)
+    decode_chunks: list[_DecodeChunk]  # the decode rows, in gather-sized chunks
+
+
+class TorchAttentionBackend(AttentionBackend):
+    """Declared: any device torch runs on, fp32/fp16/bf16, every head and block size, sliding
+    windows; no soft-capping."""
+
     name = "torch"
+    device_types = ("cpu", "cuda")
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    min_head_size, max_head_size = 1, None
+    block_sizes = None
+    supports_sliding_window = True
+    supports_logits_soft_cap = False
     # Gathered K (and V) bytes per decode chunk: small enough to still be in L2/L3 when the
     # matmul reads it back. Measured on the 2-core dev box (64 seqs, 64-384 tokens): chunks
     # of ~8 sequences ran decode attention in 5.5 ms/layer against 8.8 ms for one big gather.
@@ -62,8 +80,8 @@ class TorchAttentionBackend:
     def prepare(self, meta: AttentionMetadata, key_cache: torch.Tensor) -> None:
         """Expects decodes first and sorted by sequence length (the model runner's order)."""
         _, num_kv_heads, block_size, head_dim = key_cache.shape
-        meta.extra["write_rows"] = slot_to_rows(meta.slot_mapping, num_kv_heads, block_size)
-        meta.extra["decode_chunks"] = self._decode_chunks(meta, key_cache)
+        meta.backend_state = TorchAttentionState(slot_to_rows(meta.slot_mapping, num_kv_heads, block_size),
+                                                 self._decode_chunks(meta, key_cache))
 
     def _decode_chunks(self, meta: AttentionMetadata, key_cache: torch.Tensor) -> list[_DecodeChunk]:
         _, num_kv_heads, block_size, head_dim = key_cache.shape
@@ -99,7 +117,7 @@ class TorchAttentionBackend:
     def forward(self, q, k, v, key_cache, value_cache, meta: AttentionMetadata, scale: float,
                 sliding_window: int | None) -> torch.Tensor:
         num_blocks, num_kv_heads, block_size, head_dim = key_cache.shape
-        rows = meta.extra["write_rows"]
+        rows = self.state_of(meta, TorchAttentionState).write_rows
         key_cache.view(-1, head_dim).index_copy_(0, rows, k.reshape(-1, head_dim))
         value_cache.view(-1, head_dim).index_copy_(0, rows, v.reshape(-1, head_dim))
 
@@ -115,7 +133,7 @@ class TorchAttentionBackend:
 
     def _decode_batch(self, out, q, key_cache, value_cache, meta, scale, window) -> None:
         """Attention of the decode rows (first in the batch) into `out`."""
-        for chunk in meta.extra["decode_chunks"]:
+        for chunk in self.state_of(meta, TorchAttentionState).decode_chunks:
             out[chunk.start:chunk.end] = self._decode(q[chunk.start:chunk.end], key_cache, value_cache, chunk,
                                                       scale, window)
 

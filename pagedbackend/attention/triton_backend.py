@@ -3,52 +3,95 @@ attention_backend="auto" on CUDA), also runnable on CPU under TRITON_INTERPRET=1
 
 from __future__ import annotations
 
+import importlib.util
+import os
+from dataclasses import dataclass, field
+
 import torch
 
+from pagedbackend.attention.base import AttentionBackend
 from pagedbackend.attention.metadata import AttentionMetadata
-from pagedbackend.kernels.cache_ops import copy_blocks, reshape_and_cache
-from pagedbackend.kernels.paged_attention import (choose_num_splits, program_map, query_block_shape,
-                                                  split_kv_decode_attention, unified_attention)
 
 
-class TritonAttentionBackend:
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@dataclass
+class TritonAttentionState:
+    """The triton backend's per-step state, built once by prepare() for every layer."""
+
+    num_splits: int  # > 1: the split-KV decode kernel (decode-only steps), else the unified kernel
+    # (GQA group, head_dim) -> the unified kernel's program map, built by the first layer that needs it
+    programs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """Declared: CUDA (and the CPU under TRITON_INTERPRET=1, for tests), fp32/fp16/bf16, head
+    sizes 16 to 256 (tiles are padded to a power of two, at least the 16 a tensor-core dot needs;
+    kernels/compile_check.py fits every size up to 256 in shared memory), block sizes from 16,
+    sliding windows; no soft-capping. Needs the triton package."""
+
     name = "triton"
+    device_types = ("cuda", "cpu")
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+    min_head_size, max_head_size = 16, 256
+    block_sizes = (16, 32, 64, 128)
+    block_size_note = "at least 16: tensor-core dots need 16 rows"
+    supports_sliding_window = True
+    supports_logits_soft_cap = False
 
     def __init__(self, force_num_splits: int | None = None) -> None:
+        # The kernels import triton, an optional dependency: loaded when a backend is made,
+        # so the declarations above can be read (and reject) without it.
+        from pagedbackend.kernels import cache_ops, paged_attention
+
+        self._cache_ops = cache_ops
+        self._kernels = paged_attention
         # Tests pin the split-KV path on and off; production leaves the choice to the heuristic.
         self.force_num_splits = force_num_splits
+
+    @classmethod
+    def unavailable_reason(cls, device_type: str) -> str | None:
+        if not _triton_installed():
+            return "needs the triton package (pip install triton)"
+        if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            return ("on the CPU runs in Triton's interpreter: set TRITON_INTERPRET=1 before importing "
+                    "pagedbackend (slow; for tests)")
+        return None
 
     def prepare(self, meta: AttentionMetadata, key_cache: torch.Tensor) -> None:
         _, num_kv_heads, block_size, _ = key_cache.shape
         decode_only = meta.num_decodes == meta.num_seqs
         splits = 1
         if decode_only:
-            splits = self.force_num_splits or choose_num_splits(meta.num_seqs, num_kv_heads, meta.max_seq_len,
-                                                                block_size)
-        meta.extra["num_splits"] = splits
-        meta.extra["programs"] = {}  # (group, head_dim) -> program map, shared by all layers
+            splits = self.force_num_splits or self._kernels.choose_num_splits(meta.num_seqs, num_kv_heads,
+                                                                              meta.max_seq_len, block_size)
+        meta.backend_state = TritonAttentionState(splits)
 
     def forward(self, q, k, v, key_cache, value_cache, meta: AttentionMetadata, scale: float,
                 sliding_window: int | None) -> torch.Tensor:
         # The kernels read each head's vector with unit stride.
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-        reshape_and_cache(k, v, key_cache, value_cache, meta.slot_mapping)
+        kernels = self._kernels
+        state = self.state_of(meta, TritonAttentionState)
+        self._cache_ops.reshape_and_cache(k, v, key_cache, value_cache, meta.slot_mapping)
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-        splits = meta.extra["num_splits"]
-        if splits > 1:
-            split_kv_decode_attention(out, q, key_cache, value_cache, meta.block_tables, meta.seq_lens,
-                                      meta.max_seq_len, scale, splits, sliding_window)
+        if state.num_splits > 1:
+            kernels.split_kv_decode_attention(out, q, key_cache, value_cache, meta.block_tables, meta.seq_lens,
+                                              meta.max_seq_len, scale, state.num_splits, sliding_window)
             return out
         group = q.shape[1] // key_cache.shape[1]
         key = (group, q.shape[2])
-        programs = meta.extra["programs"]
+        programs = state.programs
         if key not in programs:
-            _, block_q = query_block_shape(group, meta.max_query_len, q.shape[2])
-            programs[key] = program_map(meta.query_start_loc_host, block_q, q.device)
-        unified_attention(out, q, key_cache, value_cache, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                          meta.query_start_loc_host, meta.max_query_len, scale, sliding_window, programs[key])
+            _, block_q = kernels.query_block_shape(group, meta.max_query_len, q.shape[2])
+            programs[key] = kernels.program_map(meta.query_start_loc_host, block_q, q.device)
+        kernels.unified_attention(out, q, key_cache, value_cache, meta.block_tables, meta.seq_lens,
+                                  meta.query_start_loc, meta.query_start_loc_host, meta.max_query_len, scale,
+                                  sliding_window, programs[key])
         return out
 
     def copy_blocks(self, kv_cache: torch.Tensor, pairs: list[tuple[int, int]]) -> None:
         if pairs:
-            copy_blocks(kv_cache, torch.tensor(pairs, dtype=torch.int64, device=kv_cache.device))
+            self._cache_ops.copy_blocks(kv_cache, torch.tensor(pairs, dtype=torch.int64, device=kv_cache.device))

@@ -1,38 +1,15 @@
-"""Supported architectures, by the `architectures` name a Hugging Face config.json carries."""
+"""Model implementations and the registry that picks one for a model directory.
+
+`registry` maps a config.json's `architectures` to a class; `config.ModelConfig` is the typed
+view of a model directory (it asks the registry for the architecture). This package never
+imports `pagedbackend.config`: the engine config is built on top of it.
+"""
 
 from __future__ import annotations
 
-import importlib
+from pagedbackend.models.config import DTYPE_NAMES, ModelConfig
+from pagedbackend.models.hf_config import HFConfig
+from pagedbackend.models.registry import SUPPORTED_ARCHITECTURES, get_model_class, resolve_architecture
 
-from pagedbackend.config import HFConfig
-
-# architecture -> (module, class)
-_REGISTRY = {
-    "LlamaForCausalLM": ("pagedbackend.models.llama", "LlamaForCausalLM"),
-    "MistralForCausalLM": ("pagedbackend.models.llama", "LlamaForCausalLM"),
-    "Qwen2ForCausalLM": ("pagedbackend.models.llama", "LlamaForCausalLM"),
-    "GPT2LMHeadModel": ("pagedbackend.models.gpt2", "GPT2LMHeadModel"),
-}
-_BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                  "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
-
-SUPPORTED_ARCHITECTURES = tuple(_REGISTRY)
-
-
-def resolve_architecture(hf: HFConfig) -> str:
-    names = hf.get("architectures") or []
-    for name in names:
-        if name in _REGISTRY:
-            return name
-    if not names and hf.get("model_type") in _BY_MODEL_TYPE:
-        return _BY_MODEL_TYPE[hf.get("model_type")]
-    found = ", ".join(names) or f"model_type={hf.get('model_type')!r}"
-    raise ValueError(f"model: architecture {found} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-
-
-def get_model_class(architecture: str):
-    module, cls = _REGISTRY[architecture]
-    return getattr(importlib.import_module(module), cls)
-
-
-__all__ = ["SUPPORTED_ARCHITECTURES", "get_model_class", "resolve_architecture"]
+__all__ = ["DTYPE_NAMES", "HFConfig", "ModelConfig", "SUPPORTED_ARCHITECTURES", "get_model_class",
+           "resolve_architecture"]

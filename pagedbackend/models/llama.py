@@ -9,7 +9,7 @@ from torch import nn
 
 from pagedbackend.attention.layer import PagedAttention
 from pagedbackend.attention.metadata import AttentionMetadata
-from pagedbackend.config import ModelConfig
+from pagedbackend.models.config import ModelConfig
 from pagedbackend.distributed import divide, get_tp_size
 from pagedbackend.models.base import CausalLM
 from pagedbackend.models.layers import (ACTIVATIONS, ColumnParallelLinear, LMHead, RMSNorm,

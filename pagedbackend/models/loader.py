@@ -11,14 +11,24 @@ from __future__ import annotations
 import contextlib
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import torch
 from tqdm.auto import tqdm
 
-from pagedbackend.config import EngineConfig
-from pagedbackend.models import get_model_class
 from pagedbackend.models.base import CausalLM
+from pagedbackend.models.config import ModelConfig
+from pagedbackend.models.registry import get_model_class
+
+
+class LoadSpec(Protocol):
+    """What loading needs from the engine's config (`pagedbackend.config.EngineConfig` is one);
+    a protocol, so this package never imports the engine config."""
+
+    model_config: ModelConfig
+    load_format: str
+    device: str
+    dtype: torch.dtype
 
 
 def find_weight_files(path: Path, load_format: str = "auto") -> tuple[str, list[Path]]:
@@ -76,7 +86,7 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def load_model(config: EngineConfig, progress: bool = True) -> CausalLM:
+def load_model(config: LoadSpec, progress: bool = True) -> CausalLM:
     mc = config.model_config
     kind, files = find_weight_files(mc.path, config.load_format)
     cls = get_model_class(mc.architecture)

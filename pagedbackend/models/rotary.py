@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pagedbackend.config import HFConfig
+from pagedbackend.models.hf_config import HFConfig
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
