@@ -3,6 +3,7 @@
 #               stream one answer with curl, stop TorchServe
 #   make test   create .venv if missing, run the whole test suite
 #   make bench  (optional) run every benchmark in benchmarks/
+#   make soak   (optional) hostile-load soak of both adapters, ~5 minutes each (benchmarks/soak.py --long)
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +11,7 @@ STAMP := $(VENV)/.installed
 DEMO_MODEL ?= models/demo-llama
 DEMO_PROMPT ?= Once upon a time, in a small village by the sea,
 
-.PHONY: test demo venv bench clean
+.PHONY: test demo venv bench soak clean
 
 # torch first, pinned to the CPU wheel on local disk: a looser spec, or letting another
 # package pull torch in, can download a multi-GB CUDA build.
@@ -39,6 +40,11 @@ bench: $(STAMP)
 	$(PY) benchmarks/kv_waste.py
 	$(PY) benchmarks/prefix_cache.py
 	$(PY) benchmarks/serving.py
+
+# Hostile load against both adapters (benchmarks/soak.py): 48 clients, ~5 minutes per adapter,
+# every answer checked; table on stdout, JSON in benchmarks/out/soak.json. Fails on any check.
+soak: $(STAMP)
+	$(PY) benchmarks/soak.py --long
 
 clean:
 	rm -rf $(VENV) models build *.egg-info

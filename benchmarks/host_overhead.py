@@ -49,12 +49,13 @@ def measure(model: str, num_seqs: int, context: int, steps: int) -> dict[str, fl
     from pagedbackend import EngineArgs, LLMEngine, SamplingParams
 
     torch.set_num_threads(1)
-    engine = LLMEngine.from_engine_args(EngineArgs(model=model, max_num_seqs=num_seqs, max_model_len=context + steps + 8,
+    max_len = 2 * context + 64  # room to decode through the whole prefill phase and the measured steps
+    engine = LLMEngine.from_engine_args(EngineArgs(model=model, max_num_seqs=num_seqs, max_model_len=max_len,
                                                    max_num_batched_tokens=max(2048, num_seqs), seed=0,
-                                                   num_kv_blocks=num_seqs * (-(-(context + steps + 8) // 16)) + 8),
+                                                   num_kv_blocks=num_seqs * (-(-max_len // 16)) + 8),
                                         progress=False)
     g = torch.Generator().manual_seed(0)
-    params = SamplingParams(temperature=0.0, max_tokens=steps + 4, ignore_eos=True)
+    params = SamplingParams(temperature=0.0, max_tokens=max_len - context, ignore_eos=True)
     for i in range(num_seqs):
         engine.add_request(str(i), {"prompt_token_ids": torch.randint(10, 2000, (context,), generator=g).tolist()}, params)
     while engine.scheduler.waiting or any(s.num_computed_tokens < s.prompt_len for s in engine.scheduler.running):
@@ -98,6 +99,9 @@ def measure(model: str, num_seqs: int, context: int, steps: int) -> dict[str, fl
     ms = {k: 1000 * v / steps for k, v in acc.items()}
     ms["engine_thread"] = sum(ms[p] for p in PHASES if p not in ("output", "model"))
     ms["wall"] = 1000 * wall / steps
+    ms["batch"] = engine.scheduler.stats.last_batch_seqs
+    for i in range(num_seqs):
+        engine.abort_request(str(i))
     while engine.has_unfinished_requests():
         engine.step()
     engine.check_all_blocks_free()
@@ -153,6 +157,7 @@ def main() -> None:
             med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             best = min(r["engine_thread"] for r in runs)
             summary[f"{name}/{b}"] = {"median": med, "best_engine_thread": best, "runs": runs}
+            assert med["batch"] == b, f"{name}: only {med['batch']} of {b} sequences were decoding"
             print(f"{name:8} {b:>5} " + " ".join(f"{med[p]:9.2f}" for p in PHASES)
                   + f" {med['engine_thread']:6.2f} ({best:.2f}) {med['wall']:8.2f}")
     ns.out.parent.mkdir(parents=True, exist_ok=True)
