@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pagedbackend.sampling_params import SamplingParams
+from pagedbackend.sequence import SampledTokens
 from pagedbackend.step import NewSeq, SchedulerOutput
 
 
@@ -33,7 +34,7 @@ class StepInputs:
     prompt_rows: list[tuple[int, list[int], list[int], int]]
 
 
-class RowView:
+class RowView(SampledTokens):
     """One batch slot as the sampler's special cases read it (penalties, bad words, ...),
     with the same attributes a `Sequence` offers."""
 
@@ -43,28 +44,6 @@ class RowView:
                  bad_words_ids: list[list[int]], beam_k: int) -> None:
         self.seq_id, self.params, self.prompt_len = seq_id, params, prompt_len
         self.token_ids, self.bad_words_ids, self.beam_k = token_ids, bad_words_ids, beam_k
-
-    @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.prompt_len
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.prompt_len:]
-
-    @property
-    def wants_logprobs(self) -> bool:
-        p = self.params
-        return p.logprobs is not None or p.num_samples > p.n
-
-    def banned_by_bad_words(self) -> list[int]:
-        banned = []
-        tokens = self.token_ids
-        for word in self.bad_words_ids:
-            prefix = word[:-1]
-            if not prefix or (len(prefix) <= len(tokens) and tokens[len(tokens) - len(prefix):] == prefix):
-                banned.append(word[-1])
-        return banned
 
 
 def needs_row_view(params: SamplingParams, bad_words: bool, beam_k: int) -> bool:

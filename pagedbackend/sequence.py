@@ -43,7 +43,41 @@ _FINISHED = {
 }
 
 
-class Sequence:
+class SampledTokens:
+    """What the sampler reads of a row's history, shared by `Sequence` (the scheduler's) and
+    the runner's batch view of a slot: needs `token_ids`, `prompt_len`, `params` and
+    `bad_words_ids`."""
+
+    __slots__ = ()
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.prompt_len
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.prompt_len:]
+
+    @property
+    def wants_logprobs(self) -> bool:
+        """The sampler must report the chosen token's logprob: asked for, or needed to rank
+        best_of samples."""
+        p = self.params
+        return p.logprobs is not None or p.num_samples > p.n
+
+    def banned_by_bad_words(self) -> list[int]:
+        """Tokens that would complete a bad word given the tokens so far (transformers'
+        NoBadWordsLogitsProcessor: the word's prefix must end the prompt + output)."""
+        banned = []
+        tokens = self.token_ids
+        for word in self.bad_words_ids:
+            prefix = word[:-1]
+            if not prefix or (len(prefix) <= len(tokens) and tokens[len(tokens) - len(prefix):] == prefix):
+                banned.append(word[-1])
+        return banned
+
+
+class Sequence(SampledTokens):
     """Prompt + generated tokens, how many of them have KV computed, and scheduling state."""
 
     def __init__(
@@ -87,14 +121,6 @@ class Sequence:
         return len(self.token_ids)
 
     @property
-    def num_output_tokens(self) -> int:
-        return len(self.token_ids) - self.prompt_len
-
-    @property
-    def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.prompt_len:]
-
-    @property
     def is_finished(self) -> bool:
         return self.status.is_finished
 
@@ -104,26 +130,8 @@ class Sequence:
         return self.beam_group.candidates_per_beam if self.beam_group is not None else 0
 
     @property
-    def wants_logprobs(self) -> bool:
-        """The sampler must report the chosen token's logprob: asked for, or needed to rank
-        best_of samples."""
-        p = self.params
-        return p.logprobs is not None or p.num_samples > p.n
-
-    @property
     def wants_prompt_logprobs(self) -> bool:
         return self.params.prompt_logprobs is not None and 1 + self.num_prompt_logprobs < self.prompt_len
-
-    def banned_by_bad_words(self) -> list[int]:
-        """Tokens that would complete a bad word given the tokens so far (transformers'
-        NoBadWordsLogitsProcessor: the word's prefix must end the prompt + output)."""
-        banned = []
-        tokens = self.token_ids
-        for word in self.bad_words_ids:
-            prefix = word[:-1]
-            if not prefix or (len(prefix) <= len(tokens) and tokens[len(tokens) - len(prefix):] == prefix):
-                banned.append(word[-1])
-        return banned
 
     def fork(self, index: int, params: SamplingParams) -> "Sequence":
         """A new sample of the same prompt; blocks are shared by the KV cache manager."""
