@@ -14,7 +14,6 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 from pagedbackend.beam_search import BeamSearchGroup, BeamSearchParams
-from pagedbackend.errors import InvalidRequest
 from pagedbackend.kv_cache_manager import KVCacheManager
 from pagedbackend.sampling_params import SamplingParams
 from pagedbackend.scheduler import CoreOutput, Scheduler, beam_hypotheses
@@ -60,8 +59,6 @@ class EngineCore:
                         arrival_time: float, priority: int = 0) -> SamplingParams:
         """A beam search over `params.beam_width` beams sharing KV blocks; returns the
         per-beam SamplingParams (for the frontend's bookkeeping)."""
-        if not isinstance(params, BeamSearchParams):
-            raise InvalidRequest("params", f"params must be a BeamSearchParams, got {type(params).__name__}")
         eos = () if params.ignore_eos else self.eos_token_ids
         seq_params = SamplingParams(temperature=0.0, max_tokens=params.max_tokens, ignore_eos=params.ignore_eos,
                                     include_stop_str_in_output=params.include_stop_str_in_output,

@@ -220,13 +220,12 @@ class LLMEngine:
                                                f"{self.config.max_num_seqs}")
         text, ids = self.tokenize_prompt(prompt)
         arrival = arrival_time if arrival_time is not None else time.monotonic()
-        seq_params = SamplingParams(temperature=0.0, max_tokens=params.max_tokens, ignore_eos=params.ignore_eos,
-                                    include_stop_str_in_output=params.include_stop_str_in_output)
-        self.output_processor.add_request(request_id, text, ids, seq_params, arrival, beam_search=True)
+        seq_params = self.core.add_beam_search(request_id, ids, params, arrival, priority)
         try:
-            self.core.add_beam_search(request_id, ids, params, arrival, priority)
+            self.output_processor.add_request(request_id, text, ids, seq_params, arrival, beam_search=True)
         except BaseException:
-            self.output_processor.remove(request_id)
+            self.core.abort(request_id)
+            self.core.take_outputs()
             raise
 
     def _bad_words_ids(self, words: list[str]) -> list[list[int]]:

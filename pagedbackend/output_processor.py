@@ -103,10 +103,6 @@ class OutputProcessor:
             self.states[request_id] = RequestState(request_id, prompt, prompt_token_ids, params, samples,
                                                    RequestMetrics(arrival_time), beam_search)
 
-    def has_request(self, request_id: str) -> bool:
-        with self._lock:
-            return request_id in self.states
-
     def remove(self, request_id: str) -> None:
         with self._lock:
             self.states.pop(request_id, None)

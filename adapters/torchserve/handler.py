@@ -55,9 +55,11 @@ def _is_large(item: dict[str, Any]) -> bool:
     if isinstance(body, (bytes, bytearray, str)):
         return len(body) > LARGE_BODY_BYTES
     if isinstance(body, dict):  # TorchServe decoded the JSON already: look at the text fields
-        return any(isinstance(v, str) and len(v) > LARGE_BODY_BYTES for v in body.values()) or any(
-            isinstance(m, dict) and isinstance(m.get("content"), str) and len(m["content"]) > LARGE_BODY_BYTES
-            for m in body.get("messages") or [] if isinstance(body.get("messages"), list))
+        texts = [v for v in body.values() if isinstance(v, str)]
+        messages = body.get("messages")
+        if isinstance(messages, list):
+            texts += [m["content"] for m in messages if isinstance(m, dict) and isinstance(m.get("content"), str)]
+        return any(len(t) > LARGE_BODY_BYTES for t in texts)
     return False
 
 
