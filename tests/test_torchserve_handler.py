@@ -326,3 +326,64 @@ def test_a_large_body_is_tokenized_off_the_step_and_answered_once_open(loaded, m
         if not pending:
             break
     assert done == {"s", "big"}
+
+
+class GatedExecutor(__import__("concurrent.futures").futures.ThreadPoolExecutor):
+    """The handler loop's worker threads, held until `gate` is set (a busy machine)."""
+
+    def __init__(self, gate):
+        super().__init__(max_workers=2)
+        self.gate = gate
+
+    def submit(self, fn, *args, **kwargs):
+        def held():
+            self.gate.wait(30)
+            return fn(*args, **kwargs)
+        return super().submit(held)
+
+
+def test_a_large_body_opened_after_the_next_step_keeps_its_own_route(loaded, monkeypatch):
+    """TorchServe reuses one context for every step: the worker thread that opens a large
+    body must not read the route from it (by then index 0 is another step's request)."""
+    from pagedbackend.adapters.torchserve import handler as handler_module
+
+    h, ctx = loaded(max_prompt_chars=10**7)
+    encode = h.engine.tokenizer.encode
+    monkeypatch.setattr(h.engine.tokenizer, "encode", lambda text, *a, **k: encode(text[:40], *a, **k))
+    gate = __import__("threading").Event()
+    h._loop.set_default_executor(GatedExecutor(gate))
+    big = {"prompt": "word " * (handler_module.LARGE_BODY_BYTES // 4), "max_tokens": 2, "stream": True}
+    assert _step(h, ctx, {"big": big}, {"big": "v1/completions"}) == {}
+    answers = _step(h, ctx, {"m": {}, "big": big}, {"m": "v1/models", "big": "v1/completions"})
+    assert "big" not in answers and json.loads(answers["m"][0])["object"] == "list"
+    set_batch(ctx, ["m2"], ["v1/models"])  # the context now holds another step
+    gate.set()
+    deadline = time.monotonic() + 30
+    while not h._pumps["big"].opened and time.monotonic() < deadline:  # opened before the next step
+        time.sleep(0.01)
+    for _ in range(200):
+        answers = _step(h, ctx, {"big": big}, {"big": "v1/completions"})
+        if "big" in answers:
+            break
+    text, status, content_type, _ = answers["big"]
+    assert (status, content_type) == (200, "text/event-stream"), text
+    assert text.startswith("data: ") and json.loads(text[6:].split("\n")[0])["object"] == "text_completion"
+
+
+def test_a_large_body_whose_opening_fails_is_answered_500_not_kept_forever(loaded, monkeypatch):
+    from pagedbackend.adapters.torchserve import handler as handler_module
+
+    h, ctx = loaded(max_prompt_chars=10**7)
+
+    def broken_open(*a, **k):
+        raise RuntimeError("tokenizer crashed")
+
+    monkeypatch.setattr(h, "_open", broken_open)
+    big = {"prompt": "word " * (handler_module.LARGE_BODY_BYTES // 4)}
+    for _ in range(200):
+        answers = _step(h, ctx, {"big": big})
+        if "big" in answers:
+            break
+    text, status, content_type, stop = answers["big"]
+    assert status == 500 and content_type == "application/json" and stop is None
+    assert "tokenizer crashed" in json.loads(text)["error"]["message"]

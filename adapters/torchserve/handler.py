@@ -22,6 +22,7 @@ Bad requests get a 4xx JSON error naming the field; no exception ever escapes `h
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -114,7 +115,10 @@ class PagedLLMHandler:
             return path.read_text()
         return value  # the template itself
 
-    def _open(self, context: Any, idx: int, request_id: str, item: dict[str, Any], loop: asyncio.AbstractEventLoop):
+    def _open(self, url_path: str, request_id: str, item: dict[str, Any], loop: asyncio.AbstractEventLoop):
+        """Parse, validate and queue one request. Takes the url path, not the context: TorchServe
+        reuses one context for every step, so a worker thread reading it later would see
+        another step's requests."""
         body = item.get("data") or item.get("body")
         if body is None:
             # Nothing, or a form TorchServe decoded (`curl -d` without the JSON Content-Type).
@@ -124,7 +128,6 @@ class PagedLLMHandler:
             # TorchServe already decoded a JSON body that is not an object (a string, an
             # array, a number): encode it back so the parser says what it got.
             body = json.dumps(body)
-        url_path = context.get_request_header(idx, "url_path") or ""
         return open_reply(self.metered, url_path, body, request_id, self.model_name, self.engine.tokenizer,
                           self.chat_template, loop)
 
@@ -147,10 +150,11 @@ class PagedLLMHandler:
         request_id = context.request_ids[0]
         try:
             loop = asyncio.get_running_loop()
+            url_path = context.get_request_header(0, "url_path") or ""
             if _is_large(data[0]):  # parse and tokenize it off the loop every request shares
-                reply = await loop.run_in_executor(None, self._open, context, 0, request_id, data[0], loop)
+                reply = await loop.run_in_executor(None, self._open, url_path, request_id, data[0], loop)
             else:
-                reply = self._open(context, 0, request_id, data[0], loop)
+                reply = self._open(url_path, request_id, data[0], loop)
             if not reply.stream:  # one body, with the status it ends with
                 status, text = await complete_body(reply)
                 context.set_response_status(status, "", 0)
@@ -184,12 +188,12 @@ class PagedLLMHandler:
                     self._pumps.pop(rid).cancel()
         for i, rid in enumerate(ids):
             if rid not in self._pumps:
+                url_path = context.get_request_header(i, "url_path") or ""
                 if _is_large(data[i]):  # parsed and tokenized on a worker thread; answered once open
-                    pump = RequestPump(self._loop, self._cond,
-                                       opener=lambda i=i, rid=rid, item=data[i]: self._open(context, i, rid, item,
-                                                                                            self._loop))
+                    pump = RequestPump(self._loop, self._cond, opener=functools.partial(
+                        self._open, url_path, rid, data[i], self._loop))
                 else:
-                    pump = RequestPump(self._loop, self._cond, self._open(context, i, rid, data[i], self._loop))
+                    pump = RequestPump(self._loop, self._cond, self._open(url_path, rid, data[i], self._loop))
                 with self._cond:
                     self._pumps[rid] = pump
         with self._cond:

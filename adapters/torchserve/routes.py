@@ -193,7 +193,10 @@ class RequestPump:
     async def _run(self, opener: Callable[[], Reply] | None) -> None:
         try:
             if opener is not None:
-                reply = await asyncio.get_running_loop().run_in_executor(None, opener)
+                try:
+                    reply = await asyncio.get_running_loop().run_in_executor(None, opener)
+                except Exception as e:  # noqa: BLE001 - an unopened pump would be deferred forever
+                    reply = error_reply(e)
                 with self._cond:
                     self._opened(reply)
                     self._cond.notify_all()
