@@ -49,11 +49,12 @@ def cpu_pressure() -> str:
         return "n/a"
 
 
-def make_pagedbackend(model: Path, args):
+def make_pagedbackend(model: Path, args, model_impl: str = "native"):
     from pagedbackend import LLM, SamplingParams
 
     llm = LLM(str(model), max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
-              enable_prefix_caching=False)  # the prompts are random: caching could only hide repeats across runs
+              enable_prefix_caching=False,  # the prompts are random: caching could only hide repeats across runs
+              model_impl=model_impl)
     warm = [{"prompt_token_ids": list(range(10, 74))}] * 4
     llm.generate(warm, SamplingParams(temperature=0, max_tokens=8, ignore_eos=True), use_tqdm=False)
     return llm
@@ -197,6 +198,8 @@ def main() -> int:
     p.add_argument("--scale", type=float, default=0.25, help="length scale of the ShareGPT-shaped workload")
     p.add_argument("--with-vllm", action="store_true", help="also run vLLM's CPU build (own venv, subprocess)")
     p.add_argument("--vllm-kv-cache-gib", type=int, default=2, help="VLLM_CPU_KVCACHE_SPACE (whole GiB)")
+    p.add_argument("--model-impl", choices=("native", "transformers", "both"), default="native",
+                   help="pagedbackend's model code: native, the transformers path, or both (alternating)")
     p.add_argument("--out", type=Path, default=OUT / "throughput.json")
     args = p.parse_args()
 
@@ -212,12 +215,25 @@ def main() -> int:
           f"tokens | torch {torch.__version__}, {args.threads} threads | cpu {cpu_pressure()}", flush=True)
 
     rows = []  # (engine, seconds, generated tokens, total tokens)
-    llm = make_pagedbackend(model, args)
-    ours_times = []
-    t, ours = run_pagedbackend(llm, requests)
-    ours_times.append(t)
-    print(f"  pagedbackend: {t:.1f}s", flush=True)
+    impls = ["native", "transformers"] if args.model_impl == "both" else [args.model_impl]
+    names = {impl: "pagedbackend" if impls == ["native"] else f"pagedbackend ({impl})" for impl in impls}
+    llms = {impl: make_pagedbackend(model, args, impl) for impl in impls}
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
+    outputs = {}
+
+    def run_round():  # every implementation once, alternating (the box is noisy)
+        for impl in impls:
+            t, out = run_pagedbackend(llms[impl], requests)
+            times[impl].append(t)
+            outputs.setdefault(impl, out)
+            print(f"  {names[impl]}: {t:.1f}s", flush=True)
+
+    run_round()
+    ours = outputs[impls[0]]
+    ours_times = times[impls[0]]
     checks = {}
+    if len(impls) == 2:
+        checks["native == transformers path (greedy)"] = agreement(outputs["native"], outputs["transformers"])
     vllm = None
     if args.with_vllm:
         python = ensure_vllm_venv()
@@ -228,11 +244,13 @@ def main() -> int:
                   f"startup {vllm['startup_seconds']:.0f}s)", flush=True)
             checks["pagedbackend == vLLM-CPU (greedy)"] = agreement(ours, vllm["outputs"])
     for _ in range(args.repeat - 1):
-        t, _ = run_pagedbackend(llm, requests)
-        ours_times.append(t)
-        print(f"  pagedbackend: {t:.1f}s", flush=True)
-    rows.insert(0, ("pagedbackend", statistics.median(ours_times), gen_tokens, prompt_tokens + gen_tokens))
-    del llm
+        run_round()
+    for i, impl in enumerate(impls):
+        rows.insert(i, (names[impl], statistics.median(times[impl]), gen_tokens, prompt_tokens + gen_tokens))
+    if len(impls) == 2:
+        ratio = statistics.median(times["transformers"]) / statistics.median(times["native"])
+        print(f"  transformers path / native time: {ratio:.2f}x (median of {args.repeat})", flush=True)
+    del llms
     if not args.skip_hf:
         hf = load_hf(model)
         seq_reqs = requests[:args.sequential_requests] if args.sequential_requests else requests
@@ -265,7 +283,7 @@ def main() -> int:
         print(f"| {name} | {secs:.1f} | {g:.0f} | {total / secs:.0f} | {vs_seq} | {vs_static} | {vs_vllm} |")
     if args.with_vllm and vllm is None:
         print("vLLM-CPU: not measured (see the message above)")
-    ours_rate = by["pagedbackend"]
+    ours_rate = by[names[impls[0]]]
     print(f"\nmatmul rate now: {rate:.0f} GFLOP/s -> compute ceiling for this workload ~{ceiling:.0f} generated tok/s; "
           f"pagedbackend reaches {ours_rate / ceiling:.0%} of it")
     for k, v in checks.items():

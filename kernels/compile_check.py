@@ -50,30 +50,33 @@ def _with_constexprs(sig: dict[str, str], constexprs: dict[str, Any]) -> dict[st
     return {**sig, **{name: "constexpr" for name in constexprs}}
 
 
-def unified_variant(dtype: str, head_dim: int, block_size: int, group: int, prefill: bool, window: bool) -> Variant:
+def unified_variant(dtype: str, head_dim: int, block_size: int, group: int, prefill: bool, window: bool,
+                    soft_cap: bool = False) -> Variant:
     block_m, block_q = query_block_shape(group, 2 if prefill else 1, head_dim)
     ptr = _PTR[dtype]
     sig = {"out_ptr": ptr, "q_ptr": ptr, "k_cache_ptr": ptr, "v_cache_ptr": ptr, "block_tables_ptr": "*i32",
            "seq_lens_ptr": "*i32", "query_start_ptr": "*i32", "prog_seq_ptr": "*i32", "prog_qoff_ptr": "*i32",
-           "scale": "fp32", "sliding_window": "i32", "stride_qt": "i32", "stride_qh": "i32", "stride_ot": "i32",
-           "stride_oh": "i32", "stride_kb": "i64", "stride_kh": "i32", "stride_kn": "i32", "stride_bt": "i32"}
+           "scale": "fp32", "sliding_window": "i32", "soft_cap": "fp32", "stride_qt": "i32", "stride_qh": "i32",
+           "stride_ot": "i32", "stride_oh": "i32", "stride_kb": "i64", "stride_kh": "i32", "stride_kn": "i32",
+           "stride_bt": "i32"}
     const = {"GROUP": group, "BLOCK_M": block_m, "BLOCK_Q": block_q, "HEAD_DIM": head_dim,
              "D_PAD": triton.next_power_of_2(head_dim), "BLOCK_SIZE": block_size,
              "BLOCK_N": kv_sub_tile(block_size, head_dim, _TORCH[dtype]), "USE_WINDOW": window,
-             "UPCAST": False, "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
+             "USE_SOFT_CAP": soft_cap, "UPCAST": False, "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     return Variant(_unified_attention_kernel, _with_constexprs(sig, const), const)
 
 
-def split_variants(dtype: str, head_dim: int, group: int, num_splits: int) -> list[Variant]:
+def split_variants(dtype: str, head_dim: int, group: int, num_splits: int,
+                   soft_cap: bool = False) -> list[Variant]:
     ptr = _PTR[dtype]
     d_pad = triton.next_power_of_2(head_dim)
     sig = {"part_acc_ptr": "*fp32", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "q_ptr": ptr, "k_cache_ptr": ptr,
            "v_cache_ptr": ptr, "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "scale": "fp32",
-           "sliding_window": "i32", "num_seqs": "i32", "stride_qt": "i32", "stride_qh": "i32", "stride_kb": "i64",
-           "stride_kh": "i32", "stride_kn": "i32", "stride_bt": "i32"}
+           "sliding_window": "i32", "soft_cap": "fp32", "num_seqs": "i32", "stride_qt": "i32", "stride_qh": "i32",
+           "stride_kb": "i64", "stride_kh": "i32", "stride_kn": "i32", "stride_bt": "i32"}
     const = {"NUM_HEADS": 8 * group, "GROUP": group, "BLOCK_M": max(16, triton.next_power_of_2(group)),
              "HEAD_DIM": head_dim, "D_PAD": d_pad, "BLOCK_SIZE": 64, "BLOCK_N": kv_sub_tile(64, head_dim, _TORCH[dtype]),
-             "BLOCKS_PER_SPLIT": 16, "USE_WINDOW": False, "UPCAST": False,
+             "BLOCKS_PER_SPLIT": 16, "USE_WINDOW": False, "USE_SOFT_CAP": soft_cap, "UPCAST": False,
              "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
     rsig = {"out_ptr": ptr, "part_acc_ptr": "*fp32", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "num_seqs": "i32",
             "stride_ot": "i32", "stride_oh": "i32"}
@@ -106,6 +109,10 @@ def production_variants() -> list[Variant]:
     for group in (1, 2, 4, 8):
         out.append(unified_variant("bf16", 128, 16, group, prefill=False, window=False))
     out.append(unified_variant("fp16", 128, 32, 4, prefill=True, window=True))
+    # Gemma 2's shapes: head_dim 256, GQA 2, a sliding window on every other layer, soft-capped.
+    for prefill, window in itertools.product((True, False), (True, False)):
+        out.append(unified_variant("bf16", 256, 16, 2, prefill=prefill, window=window, soft_cap=True))
+    out += split_variants("bf16", 256, 2, 64, soft_cap=True)
     for dtype, head_dim in itertools.product(("fp16", "bf16", "fp32"), (64, 128, 256)):
         out += split_variants(dtype, head_dim, 8, 64 if head_dim == 256 else 4)
     for dtype in ("fp16", "bf16", "fp32"):

@@ -71,14 +71,18 @@ class NativeKernels:
     def __init__(self, lib: ctypes.CDLL) -> None:
         fn = lib.paged_decode_attention_f32
         p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-        fn.argtypes = [p, p, i64, i64, p, p, p, i64, p, i64, i64, i64, i64, i64, f32, i64, i64]
+        fn.argtypes = [p, p, i64, i64, p, p, p, i64, p, i64, i64, i64, i64, i64, f32, f32, i64, i64]
         fn.restype = ctypes.c_int
         self._decode = fn
 
     def paged_decode_attention(self, out: torch.Tensor, q: torch.Tensor, key_cache: torch.Tensor,
                                value_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
-                               scale: float, sliding_window: int | None, max_seq_len: int) -> None:
-        """out[s, h] = softmax(q[s, h] . K^T * scale) V over sequence s's cached tokens."""
+                               scale: float, sliding_window: int | None, max_seq_len: int,
+                               logits_soft_cap: float | None = None) -> None:
+        """out[s, h] = softmax(q[s, h] . K^T * scale) V over sequence s's cached tokens; with
+        `logits_soft_cap` the scores are first capped: cap * tanh(scores / cap)."""
+        if logits_soft_cap is not None and not logits_soft_cap > 0:
+            raise ValueError(f"logits_soft_cap must be positive, got {logits_soft_cap}")
         num_seqs, num_heads, head_dim = q.shape
         _, num_kv_heads, block_size, _ = key_cache.shape
         for t in (out, q, key_cache, value_cache):
@@ -92,7 +96,7 @@ class NativeKernels:
         rc = self._decode(out.data_ptr(), q.data_ptr(), q.stride(0), q.stride(1), key_cache.data_ptr(),
                           value_cache.data_ptr(), block_tables.data_ptr(), block_tables.stride(0),
                           seq_lens.data_ptr(), num_seqs, num_heads, num_kv_heads, head_dim, block_size,
-                          scale, sliding_window or 0, max_seq_len)
+                          scale, logits_soft_cap or 0.0, sliding_window or 0, max_seq_len)
         if rc != 0:
             raise RuntimeError(f"paged_decode_attention_f32 failed (code {rc})")
 

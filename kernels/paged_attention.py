@@ -4,7 +4,8 @@ split-KV (flash-decoding) variant for long-context decode with few sequences.
 Inputs are the flattened batch: queries `[num_tokens, num_heads, head_dim]`, `query_start_loc`
 (cu_seqlens_q), `seq_lens` (context + new tokens), `block_tables`, and the paged caches
 (pagedbackend.kernels.layout). A sequence's new tokens see its cached context and, causally,
-each other; an optional sliding window limits how far back a token looks.
+each other; an optional sliding window limits how far back a token looks, and an optional
+soft-cap (Gemma 2's `attn_logit_softcapping`) bends the scaled scores: cap * tanh(s / cap).
 
 Design:
 * A program owns BLOCK_Q query tokens of one sequence and *all* query heads of one KV head
@@ -34,15 +35,23 @@ _MASKED = tl.constexpr(-1e30)  # finite, so rows with every key masked never com
 
 
 @triton.jit
+def _tanh(x):
+    """tanh from exp alone (the interpreter has no libdevice): 2 sigmoid(2x) - 1, which
+    saturates to -1 / 1 (exp overflows to inf, or underflows to 0) instead of giving NaN."""
+    return 2.0 / (1.0 + tl.exp(-2.0 * x)) - 1.0
+
+
+@triton.jit
 def _attend_kv_blocks(
     q, pos_q, seq_len, seq, kv_head, lo, hi, k_cache_ptr, v_cache_ptr, block_tables_ptr, scale, sliding_window,
-    stride_kb, stride_kh, stride_kn, stride_bt, offs_d, d_ok,
+    soft_cap, stride_kb, stride_kh, stride_kn, stride_bt, offs_d, d_ok,
     BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
-    USE_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Online softmax of the rows of `q` (query positions `pos_q`) over KV blocks [lo, hi) of
     one sequence and KV head: the unnormalized (max, sum, acc). A key is visible to a row when
-    it is at or before the row's position (and inside the sliding window)."""
+    it is at or before the row's position (and inside the sliding window). With USE_SOFT_CAP the
+    scaled scores are capped before masking: soft_cap * tanh(s / soft_cap)."""
     m_i = tl.full([BLOCK_M], _MASKED, tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
@@ -59,6 +68,8 @@ def _attend_kv_blocks(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+        if USE_SOFT_CAP:
+            s = _tanh(s / soft_cap) * soft_cap
         key_pos = j * BLOCK_SIZE + offs_n
         visible = (key_pos[None, :] <= pos_q[:, None]) & (key_pos[None, :] < seq_len)
         if USE_WINDOW:
@@ -77,11 +88,11 @@ def _attend_kv_blocks(
 @triton.jit
 def _unified_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
-    prog_seq_ptr, prog_qoff_ptr, scale, sliding_window,
+    prog_seq_ptr, prog_qoff_ptr, scale, sliding_window, soft_cap,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_kb, stride_kh, stride_kn, stride_bt,
     GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, USE_WINDOW: tl.constexpr,
-    UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    USE_SOFT_CAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -113,8 +124,8 @@ def _unified_attention_kernel(
 
     m_i, l_i, acc = _attend_kv_blocks(
         q, pos_q, seq_len, seq, kv_head, lo, hi, k_cache_ptr, v_cache_ptr, block_tables_ptr, scale, sliding_window,
-        stride_kb, stride_kh, stride_kn, stride_bt, offs_d, d_ok,
-        BLOCK_M, D_PAD, BLOCK_SIZE, BLOCK_N, USE_WINDOW, UPCAST, PRECISION)
+        soft_cap, stride_kb, stride_kh, stride_kn, stride_bt, offs_d, d_ok,
+        BLOCK_M, D_PAD, BLOCK_SIZE, BLOCK_N, USE_WINDOW, USE_SOFT_CAP, UPCAST, PRECISION)
     out = acc / l_i[:, None]
     tl.store(out_ptr + token_row[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
@@ -123,11 +134,11 @@ def _unified_attention_kernel(
 @triton.jit
 def _split_decode_kernel(
     part_acc_ptr, part_m_ptr, part_l_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-    scale, sliding_window, num_seqs,
+    scale, sliding_window, soft_cap, num_seqs,
     stride_qt, stride_qh, stride_kb, stride_kh, stride_kn, stride_bt,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
     D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr,
-    USE_WINDOW: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
+    USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -151,8 +162,8 @@ def _split_decode_kernel(
 
     m_i, l_i, acc = _attend_kv_blocks(
         q, pos_q, seq_len, seq, kv_head, lo, hi, k_cache_ptr, v_cache_ptr, block_tables_ptr, scale, sliding_window,
-        stride_kb, stride_kh, stride_kn, stride_bt, offs_d, d_ok,
-        BLOCK_M, D_PAD, BLOCK_SIZE, BLOCK_N, USE_WINDOW, UPCAST, PRECISION)
+        soft_cap, stride_kb, stride_kh, stride_kn, stride_bt, offs_d, d_ok,
+        BLOCK_M, D_PAD, BLOCK_SIZE, BLOCK_N, USE_WINDOW, USE_SOFT_CAP, UPCAST, PRECISION)
     # partials: [splits, seqs, heads, (D_PAD)]
     row = (split * num_seqs + seq).to(tl.int64) * NUM_HEADS + head
     tl.store(part_m_ptr + row, m_i, mask=row_ok)
@@ -219,13 +230,21 @@ def program_map(query_start_loc_host: list[int], block_q: int, device: torch.dev
     return (torch.from_numpy(seq).to(device), torch.from_numpy(qoff.astype(np.int32)).to(device))
 
 
+def _check_soft_cap(logits_soft_cap: float | None) -> None:
+    if logits_soft_cap is not None and not logits_soft_cap > 0:
+        raise ValueError(f"logits_soft_cap must be positive (or None for no cap), got {logits_soft_cap}")
+
+
 def unified_attention(out: torch.Tensor, q: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                       block_tables: torch.Tensor, seq_lens: torch.Tensor, query_start_loc: torch.Tensor,
                       query_start_loc_host: list[int], max_query_len: int, scale: float,
                       sliding_window: int | None = None,
-                      programs: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+                      programs: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      logits_soft_cap: float | None = None) -> None:
     """Attention for a mixed batch into `out` ([num_tokens, num_heads, head_dim]). `programs`
-    (from `program_map`) can be computed once per step and shared by all layers."""
+    (from `program_map`) can be computed once per step and shared by all layers;
+    `logits_soft_cap` caps the scaled scores (cap * tanh(s / cap)) before the softmax."""
+    _check_soft_cap(logits_soft_cap)
     num_tokens, num_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = key_cache.shape
     group = num_heads // num_kv_heads
@@ -236,12 +255,12 @@ def unified_attention(out: torch.Tensor, q: torch.Tensor, key_cache: torch.Tenso
     grid = (prog_seq.numel(), num_kv_heads)
     _unified_attention_kernel[grid](
         out, q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, prog_seq, prog_qoff,
-        scale, sliding_window or 0,
+        scale, sliding_window or 0, logits_soft_cap or 1.0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
         GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim),
         BLOCK_SIZE=block_size, BLOCK_N=kv_sub_tile(block_size, head_dim, q.dtype), USE_WINDOW=bool(sliding_window),
-        **kernel_options(q.dtype),
+        USE_SOFT_CAP=logits_soft_cap is not None, **kernel_options(q.dtype),
     )
 
 
@@ -264,9 +283,10 @@ def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, block_
 def split_kv_decode_attention(out: torch.Tensor, q: torch.Tensor, key_cache: torch.Tensor,
                               value_cache: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor,
                               max_seq_len: int, scale: float, num_splits: int,
-                              sliding_window: int | None = None) -> None:
+                              sliding_window: int | None = None, logits_soft_cap: float | None = None) -> None:
     """Decode attention (one query token per sequence, token i = sequence i) with each
     sequence's KV blocks divided among `num_splits` (a power of two) programs."""
+    _check_soft_cap(logits_soft_cap)
     num_seqs, num_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = key_cache.shape
     group = num_heads // num_kv_heads
@@ -279,11 +299,12 @@ def split_kv_decode_attention(out: torch.Tensor, q: torch.Tensor, key_cache: tor
     options = kernel_options(q.dtype)
     _split_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
         part_acc, part_m, part_l, q, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window or 0,
-        num_seqs, q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1), key_cache.stride(2),
-        block_tables.stride(0),
+        logits_soft_cap or 1.0, num_seqs, q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1),
+        key_cache.stride(2), block_tables.stride(0),
         NUM_HEADS=num_heads, GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
         D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_N=kv_sub_tile(block_size, head_dim, q.dtype),
-        BLOCKS_PER_SPLIT=blocks_per_split, USE_WINDOW=bool(sliding_window), **options,
+        BLOCKS_PER_SPLIT=blocks_per_split, USE_WINDOW=bool(sliding_window), USE_SOFT_CAP=logits_soft_cap is not None,
+        **options,
     )
     _split_reduce_kernel[(num_seqs, num_heads)](
         out, part_acc, part_m, part_l, num_seqs, out.stride(0), out.stride(1),

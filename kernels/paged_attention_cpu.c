@@ -14,6 +14,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #define MAX_GROUP 64
 
@@ -43,6 +44,41 @@ static inline float exp_nonpositive(float x) {
     return p * scale_bits.f;
 }
 
+/* tanh(x) for the soft-cap, written so that GCC vectorizes its loop (libm's tanhf is a scalar
+ * call; checked with -fopt-info-vec): for |x| < 0.625 the Cephes tanhf polynomial, else
+ * (1 - e) / (1 + e) with e = exp(-2|x|), where 1 - e does not cancel. exp as in exp_nonpositive
+ * but without floorf or a float-to-int conversion: without -fno-trapping-math GCC 12 vectorizes
+ * neither (a conversion "could trap" in the branch it sinks the large-|x| path into), so n is
+ * rounded by the 1.5 * 2^23 trick and read back from the bits. Relative error <= 1.5e-7 over
+ * [-100, 100], as libm's tanhf; saturates to +-1; NaN stays NaN. */
+static inline float tanh_vec(float x) {
+    const float a = fabsf(x);
+    const float z = x * x;
+    const float small = ((((-5.70498872745e-3f * z + 2.06390887954e-2f) * z - 5.37397155531e-2f) * z
+                          + 1.33314422036e-1f) * z - 3.33332819422e-1f) * z * x + x;
+    float y = -2.f * a;
+    y = y < -87.0f ? -87.0f : y;
+    /* n = round(y log2 e): adding 1.5 * 2^23 rounds to an integer, which m's low bits then hold */
+    const float m = y * 1.44269504088896341f + 12582912.f;
+    const float n = m - 12582912.f;
+    int32_t m_bits;
+    memcpy(&m_bits, &m, sizeof m_bits);
+    const float r = y - n * 0.693359375f + n * 2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    const int32_t bits = (m_bits - 0x4B400000 + 127) << 23;
+    float two_n;
+    memcpy(&two_n, &bits, sizeof two_n);
+    const float e = p * two_n;
+    const float large = copysignf((1.f - e) / (1.f + e), x);
+    return x != x ? x : (a < 0.625f ? small : large);
+}
+
 /* Block b of a sequence in one cache, for one KV head: its tile (block_size x head_dim), the
  * next block's tile to prefetch, and the rows [lo, hi) of it that hold positions in [first, len). */
 typedef struct {
@@ -65,12 +101,15 @@ static inline block_span span_of_block(const float *cache, const int32_t *table,
 /* out: [num_seqs, num_heads, head_dim] contiguous; q: same shape, rows q_stride_seq and heads
  * q_stride_head floats apart (head_dim contiguous); caches: [num_blocks, num_kv_heads, block_size,
  * head_dim] contiguous; block_tables: [num_seqs, bt_stride] int32; seq_lens: [num_seqs] int32.
- * sliding_window <= 0 means none; a query at position L-1 sees keys in [L - window, L). */
+ * sliding_window <= 0 means none; a query at position L-1 sees keys in [L - window, L).
+ * soft_cap > 0 soft-caps the scaled scores before the softmax, as Gemma 2's attention does:
+ * s = soft_cap * tanh(s / soft_cap); 0 or negative means none. */
 int paged_decode_attention_f32(float *out, const float *q, int64_t q_stride_seq, int64_t q_stride_head,
                                const float *k_cache, const float *v_cache,
                                const int32_t *block_tables, int64_t bt_stride, const int32_t *seq_lens,
                                int64_t num_seqs, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                               int64_t block_size, float scale, int64_t sliding_window, int64_t max_seq_len) {
+                               int64_t block_size, float scale, float soft_cap, int64_t sliding_window,
+                               int64_t max_seq_len) {
     const int64_t group = num_heads / num_kv_heads;
     if (group > MAX_GROUP || group * num_kv_heads != num_heads) return -1;
     int failed = 0;
@@ -113,6 +152,10 @@ int paged_decode_attention_f32(float *out, const float *q, int64_t q_stride_seq,
                 float inv_sum[MAX_GROUP];
                 for (int64_t g = 0; g < group; g++) {
                     float *sg = scores + g * n;
+                    if (soft_cap > 0.f) {  /* (s / cap), tanh, * cap: the order transformers' eager Gemma 2 uses */
+#pragma omp simd
+                        for (int64_t i = 0; i < n; i++) sg[i] = tanh_vec(sg[i] / soft_cap) * soft_cap;
+                    }
                     float mx = sg[0];
 #pragma omp simd reduction(max : mx)
                     for (int64_t i = 1; i < n; i++) mx = sg[i] > mx ? sg[i] : mx;

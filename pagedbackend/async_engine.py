@@ -329,6 +329,8 @@ class AsyncLLMEngine:
             self._thread.join(timeout)
         if threading.current_thread() is not self._output_thread:
             self._output_thread.join(timeout)
+        if not self._thread.is_alive():
+            self.engine.shutdown()  # tensor-parallel workers (the loop no longer steps)
 
     def __enter__(self) -> "AsyncLLMEngine":
         return self

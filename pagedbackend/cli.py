@@ -66,11 +66,20 @@ def cmd_generate(ns: argparse.Namespace) -> int:
     return 0
 
 
+def _add_parallel_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tensor-parallel-size", type=int, default=None,
+                   help="split the model over N ranks (writes handler.tensor_parallel_size and how TorchServe "
+                        "runs the ranks; default: as the config says)")
+    p.add_argument("--parallel-type", choices=("custom", "tp"), default="custom",
+                   help="custom: one worker whose engine starts its ranks (parallelLevel: N); tp: TorchServe "
+                        "starts them with torchrun (torchrun: {nproc-per-node: N})")
+
+
 def cmd_archive(ns: argparse.Namespace) -> int:
     from pagedbackend.adapters.torchserve.launcher import build_archive
 
     path = build_archive(ns.model, ns.name, ns.export_path, ns.config, ns.no_archive, ns.version,
-                         ns.model if ns.point_to_model else None)
+                         ns.model if ns.point_to_model else None, ns.tensor_parallel_size, ns.parallel_type)
     print(f"wrote {path}")
     return 0
 
@@ -91,7 +100,8 @@ def cmd_serve_torchserve(ns: argparse.Namespace) -> int:
         store = workdir / "model_store"
         name = ns.name or Path(ns.model).resolve().name
         # The archive points at the model directory instead of copying it.
-        archive = build_archive(ns.model, name, store, ns.config, model_path=ns.model)
+        archive = build_archive(ns.model, name, store, ns.config, model_path=ns.model,
+                                tensor_parallel_size=ns.tensor_parallel_size, parallel_type=ns.parallel_type)
         server = TorchServe(store, {name: archive.name}, workdir, host=ns.host, inference_port=ns.port,
                             management_port=ns.management_port, metrics_port=ns.metrics_port,
                             token_auth=not ns.disable_token_auth)
@@ -236,20 +246,22 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    from pagedbackend.tiny_model import ARCHS as TINY_ARCHS  # stdlib-only import: cheap
+
     t = sub.add_parser("tiny-model", help="build a small random-weight model with an offline-trained tokenizer")
-    t.add_argument("--arch", default="llama", choices=("llama", "mistral", "qwen2", "gpt2"))
+    t.add_argument("--arch", default="llama", choices=TINY_ARCHS)
     t.add_argument("--out", required=True)
     t.add_argument("--hidden-size", type=int, default=64)
-    t.add_argument("--num-layers", type=int, default=2)
+    t.add_argument("--num-layers", type=int, default=None, help="default: the arch's (2; gemma3 3)")
     t.add_argument("--num-heads", type=int, default=4)
     t.add_argument("--num-kv-heads", type=int, default=2)
     t.add_argument("--intermediate-size", type=int, default=None)
     t.add_argument("--vocab-size", type=int, default=1024)
     t.add_argument("--max-position-embeddings", type=int, default=1024)
-    t.add_argument("--sliding-window", type=int, default=None)
+    t.add_argument("--sliding-window", type=int, default=None, help="default: the arch's; 0 turns it off")
     t.add_argument("--rope-scaling", default=None, help='JSON, e.g. \'{"rope_type": "linear", "factor": 2.0}\'')
     t.add_argument("--tie-word-embeddings", action=argparse.BooleanOptionalAction, default=None)
-    t.add_argument("--init-std", type=float, default=0.02)
+    t.add_argument("--init-std", type=float, default=None, help="default: the arch's (0.02 for the first four)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--max-shard-size", default=None, help="e.g. 200KB to write a sharded checkpoint")
     t.set_defaults(func=cmd_tiny_model)
@@ -275,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--version", default="1.0")
     a.add_argument("--point-to-model", action="store_true",
                    help="do not copy the weights: the archive's handler.model_path points at --model")
+    _add_parallel_args(a)
     a.set_defaults(func=cmd_archive)
 
     s = sub.add_parser("serve", help="serve a model with a framework")
@@ -290,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
     ts.add_argument("--workdir", default=None, help="TorchServe's working directory (default: a new temp dir)")
     ts.add_argument("--disable-token-auth", action="store_true")
     ts.add_argument("--timeout", type=float, default=600)
+    _add_parallel_args(ts)
     ts.set_defaults(func=cmd_serve_torchserve)
 
     pt = frameworks.add_parser("pytriton", help="serve with PyTriton (Triton's vLLM-backend interface)")

@@ -29,14 +29,19 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from pagedbackend.distributed import TORCHRUN_ENV, launched_by_torchrun
 from pagedbackend.attention import ATTENTION_BACKEND_CHOICES, AUTO_PRIORITY, BACKENDS, select_attention_backend
 from pagedbackend.models.config import DTYPE_NAMES, ModelConfig
+from pagedbackend.models.registry import SUPPORTED_ARCHITECTURES, has_native
+from pagedbackend.models.transformers_impl import causal_lm_class
+from pagedbackend.readme import replace_table
 from pagedbackend.models.hf_config import HFConfig
 from pagedbackend.scheduler import PREEMPTION_MODES, SCHEDULING_POLICIES
 
 _DTYPES = DTYPE_NAMES  # compatibility alias
 ATTENTION_BACKENDS = ATTENTION_BACKEND_CHOICES
 LOAD_FORMATS = ("auto", "safetensors", "pt")
+MODEL_IMPLS = ("auto", "native", "transformers")
 BLOCK_SIZES = (8, 16, 32, 64, 128)
 # Default share of memory for the KV cache when neither num_kv_blocks nor a fraction is given.
 DEFAULT_KV_FRACTION = {"cuda": 0.9, "cpu": 0.2}
@@ -153,10 +158,8 @@ def _check_swap_space(value: float) -> str | None:
     return None if value >= 0 else f"must be a non-negative number of GiB, got {value!r}"
 
 
-def _check_tensor_parallel(value: int) -> str | None:
-    if value == 1:
-        return None
-    return f"must be 1 for now (got {value}); tensor parallelism is not implemented yet"
+#: vLLM's names for how the ranks of a tensor-parallel engine are run.
+EXECUTOR_BACKENDS = ("uni", "mp", "external_launcher")
 
 
 # ---------------------------------------------------------------------------- EngineArgs
@@ -206,10 +209,25 @@ class EngineArgs:
                          for device, order in AUTO_PRIORITY.items())
              + " (else an error gives each backend's reason)")
     seed: int = setting(0, minimum=0, help="seed of the engine's sampler (per-request `seed` overrides)")
-    tensor_parallel_size: int = setting(1, minimum=1, check=_check_tensor_parallel,
-                                        help="only 1 for now; the model code is written column/row-parallel")
+    tensor_parallel_size: int = setting(
+        1, minimum=1,
+        help="ranks the model is split across, Megatron-style over torch.distributed (gloo on CPU, NCCL on CUDA): "
+             "attention heads, MLP and vocabulary divided, each rank holding its own KV shard")
+    distributed_executor_backend: str | None = setting(
+        None, choices=EXECUTOR_BACKENDS, doc_default="auto",
+        help="how the ranks run: `mp` (the engine starts the other ranks as processes), `external_launcher` "
+             "(torchrun started every rank; each runs the same engine on the same requests), `uni` (one "
+             "rank); default: `uni` for one rank, `external_launcher` under torchrun, else `mp`")
+    distributed_timeout_s: float = setting(
+        300.0, minimum=1,
+        help="seconds a rank waits in a collective before the engine fails naming the rank (a hung worker)")
     load_format: str = setting("auto", choices=LOAD_FORMATS,
                                help="`auto` / `safetensors`, or `pt` to allow pickle weights")
+    model_impl: str = setting(
+        "auto", choices=MODEL_IMPLS,
+        help="`native` (our model code), `transformers` (the model's own transformers modeling code with paged "
+             "attention: any decoder whose attention goes through transformers' AttentionInterface), or `auto`: "
+             "native when the architecture has it, else transformers")
     scheduling_policy: str = setting(
         "fcfs", choices=SCHEDULING_POLICIES,
         help="`fcfs`, or `priority`: lower `priority` (per request) is served first, preempted last, and may "
@@ -289,6 +307,36 @@ class EngineArgs:
         if self.preemption_mode == "swap" and self.swap_space == 0:
             raise ValueError("swap_space must be positive when preemption_mode is 'swap'")
 
+    def _model_impl(self, model_config: ModelConfig) -> str:
+        arch = model_config.architecture
+        native = has_native(arch)
+        if self.model_impl == "native" and not native:
+            raise ValueError(f"model_impl='native': {arch} has no native implementation (native: "
+                             f"{', '.join(SUPPORTED_ARCHITECTURES)}); use model_impl='transformers' or 'auto'")
+        impl = self.model_impl if self.model_impl != "auto" else ("native" if native else "transformers")
+        if impl == "transformers":
+            causal_lm_class(model_config)  # refuses, naming why, a model this path would get wrong
+        return impl
+
+    def _executor_backend(self) -> str:
+        tp, chosen = self.tensor_parallel_size, self.distributed_executor_backend
+        if chosen is None:
+            if tp == 1:
+                return "uni"
+            chosen = "external_launcher" if launched_by_torchrun() else "mp"
+        if chosen == "uni" and tp > 1:
+            raise ValueError(f"distributed_executor_backend='uni' runs one rank; tensor_parallel_size={tp} needs "
+                             "'mp' or 'external_launcher'")
+        if chosen == "external_launcher":
+            world = os.environ.get("WORLD_SIZE")
+            if not launched_by_torchrun():
+                raise ValueError("distributed_executor_backend='external_launcher' needs the ranks started by torchrun "
+                                 f"(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); missing: "
+                                 + ", ".join(k for k in TORCHRUN_ENV if k not in os.environ))
+            if int(world) != tp:
+                raise ValueError(f"tensor_parallel_size={tp} but torchrun started WORLD_SIZE={world} ranks")
+        return chosen
+
     def create_engine_config(self) -> "EngineConfig":
         self._check_fields()
         model_config = ModelConfig.from_dir(self.model)
@@ -322,12 +370,22 @@ class EngineArgs:
             enable_chunked_prefill=self.enable_chunked_prefill, scheduling_policy=self.scheduling_policy,
             preemption_mode=self.preemption_mode)
 
+        model_impl = self._model_impl(model_config)
+        tp = self.tensor_parallel_size
+        if tp > 1 and model_impl == "transformers":
+            raise ValueError(f"tensor_parallel_size={tp}: the transformers path runs on one rank for now "
+                             f"({model_config.architecture}); use model_impl='native' where the architecture has it")
+        parallel_config = ParallelConfig(tensor_parallel_size=tp,
+                                         distributed_executor_backend=self._executor_backend(),
+                                         distributed_timeout_s=float(self.distributed_timeout_s))
+        heads_per_rank, kv_heads_per_rank = model_config.heads_per_rank(tp)  # errors name the numbers
+
         # The backend depends on the model (head size, window, GQA group): chosen here, where
         # the model directory has been read, before any weight is loaded.
         backend = select_attention_backend(
             self.attention_backend, device, dtype, head_size=model_config.head_dim, block_size=self.block_size,
             sliding_window=model_config.sliding_window, logits_soft_cap=model_config.logits_soft_cap,
-            num_queries_per_kv=max(1, model_config.num_heads // model_config.num_kv_heads))
+            num_queries_per_kv=max(1, heads_per_rank // kv_heads_per_rank))
 
         kv_fraction = self.kv_cache_memory_fraction
         if kv_fraction is None and self.num_kv_blocks is None:
@@ -341,8 +399,8 @@ class EngineArgs:
                                      swap_space=float(self.swap_space)),
             scheduler_config=scheduler_config,
             device_config=DeviceConfig(device=device, dtype=dtype),
-            parallel_config=ParallelConfig(tensor_parallel_size=self.tensor_parallel_size),
-            load_config=LoadConfig(load_format=self.load_format),
+            parallel_config=parallel_config,
+            load_config=LoadConfig(load_format=self.load_format, model_impl=model_impl),
             tokenizer=str(self.tokenizer or model_config.path),
             attention_backend=backend,
             seed=self.seed,
@@ -433,9 +491,14 @@ class SchedulerConfig:
 @dataclass
 class ParallelConfig:
     tensor_parallel_size: int = 1
+    distributed_executor_backend: str = "uni"  # resolved: never None
+    distributed_timeout_s: float = 300.0
 
     def __post_init__(self) -> None:
-        _validate_fields(self, "tensor_parallel_size")
+        _validate_fields(self, "tensor_parallel_size", "distributed_executor_backend", "distributed_timeout_s")
+        if (self.distributed_executor_backend == "uni") != (self.tensor_parallel_size == 1):
+            raise ValueError(f"distributed_executor_backend={self.distributed_executor_backend!r} does not fit "
+                             f"tensor_parallel_size={self.tensor_parallel_size} ('uni' is for one rank only)")
 
 
 @dataclass
@@ -456,9 +519,12 @@ class DeviceConfig:
 @dataclass
 class LoadConfig:
     load_format: str = "auto"
+    model_impl: str = "native"  # resolved: "native" or "transformers"
 
     def __post_init__(self) -> None:
-        _validate_fields(self, "load_format")
+        _validate_fields(self, "load_format", "model_impl")
+        if self.model_impl == "auto":
+            raise ValueError("model_impl must be resolved (native or transformers) in LoadConfig")
 
 
 class _Flat:
@@ -511,7 +577,10 @@ class EngineConfig:
     device = _Flat("device_config")
     dtype = _Flat("device_config")
     tensor_parallel_size = _Flat("parallel_config")
+    distributed_executor_backend = _Flat("parallel_config")
+    distributed_timeout_s = _Flat("parallel_config")
     load_format = _Flat("load_config")
+    model_impl = _Flat("load_config")
 
     def __post_init__(self) -> None:
         if self.attention_backend not in BACKENDS:
@@ -538,17 +607,7 @@ def config_table_markdown() -> str:
 
 def write_readme_table(path: str | os.PathLike) -> bool:
     """Replace the table under README_HEADING with `config_table_markdown()`; True if it changed."""
-    readme = Path(path)
-    text = readme.read_text()
-    start = text.index(README_HEADING) + len(README_HEADING)
-    table_start = text.index("\n|", start) + 1
-    end = table_start
-    while end < len(text) and text.startswith("|", end):
-        end = text.index("\n", end) + 1
-    new = text[:table_start] + config_table_markdown() + text[end:]
-    if new != text:
-        readme.write_text(new)
-    return new != text
+    return replace_table(path, README_HEADING, config_table_markdown())
 
 
 def main(argv: Sequence[str] | None = None) -> int:

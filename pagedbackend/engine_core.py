@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any
 
+from pagedbackend.executor.base import ExecutorDied
 from pagedbackend.beam_search import BeamSearchGroup, BeamSearchParams
 from pagedbackend.kv_cache_manager import KVCacheManager
 from pagedbackend.sampling_params import SamplingParams
@@ -124,6 +125,12 @@ class EngineCore:
             return self.take_outputs()
         try:
             result = self.executor.execute(out)
+        except ExecutorDied as e:  # no step can run again: fail every request, then say so
+            message = str(e)
+            for request_id in list(self.scheduler.requests):
+                self.scheduler.finish_request(request_id, SequenceStatus.FINISHED_ERROR)
+                self._pending.append(RequestDone(request_id, "error", error=message))
+            raise
         except Exception as e:  # fail this step's requests, keep serving the rest
             logger.exception("step failed; failing %d sequence(s)", len(out.scheduled))
             message = f"{type(e).__name__}: {e}"

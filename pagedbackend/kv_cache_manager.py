@@ -92,6 +92,23 @@ class KVCacheManager:
         self._sent[seq.seq_id] = len(blocks)
         return start, [b.block_id for b in blocks[start:]]
 
+    def fits_next_token(self, seq: Sequence) -> bool:
+        """Whether one more token after the computed ones goes into a block the sequence already
+        owns with nothing to do: no new block, no copy-on-write, and a block table the runner
+        has already seen. Then `allocate_slots(seq, 1)` would succeed changing nothing and
+        `block_update(seq)` would return None, so the scheduler's decode fast path skips both
+        (block_size - 1 of every block_size decode steps of a sequence are this case)."""
+        seq_id = seq.seq_id
+        blocks = self._blocks.get(seq_id)
+        if not blocks:
+            return False
+        n, bs = seq.num_computed_tokens, self.block_size
+        if n >= len(blocks) * bs:
+            return False  # needs a new block
+        if n % bs and blocks[n // bs].ref_cnt > 1:
+            return False  # writes into a shared partial block: copy-on-write first
+        return self._sent.get(seq_id) == len(blocks) and seq_id not in self._replaced_from
+
     def _forget_sent(self, seq_id: int) -> None:
         self._sent.pop(seq_id, None)
         self._replaced_from.pop(seq_id, None)
@@ -124,11 +141,13 @@ class KVCacheManager:
         """Register the sequence's full blocks whose KV has been written (after a step)."""
         if not self.enable_caching:
             return
+        start = self._num_cached.get(seq.seq_id, 0)
+        if seq.num_computed_tokens < (start + 1) * self.block_size:
+            return  # no block filled since the last call: the usual decode step, checked first
         blocks = self._blocks.get(seq.seq_id)
         if not blocks:
             return
         num_full = min(seq.num_computed_tokens // self.block_size, len(blocks))
-        start = self._num_cached.get(seq.seq_id, 0)
         if num_full <= start:
             return
         self._extend_hashes(seq, num_full * self.block_size)

@@ -23,6 +23,17 @@ class LLM:
         """`kwargs` are `EngineArgs` fields (dtype, device, block_size, num_kv_blocks, ...)."""
         self.llm_engine = LLMEngine.from_engine_args(EngineArgs(model=model, **kwargs))
 
+    def shutdown(self) -> None:
+        """Stop the engine's tensor-parallel workers now (they also stop when this process
+        exits); the object cannot generate afterwards."""
+        self.llm_engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.shutdown()
+
     def get_tokenizer(self) -> Any:
         return self.llm_engine.tokenizer
 

@@ -17,7 +17,7 @@ from pagedbackend.beam_search import BeamSearchParams
 from pagedbackend.config import EngineArgs, EngineConfig
 from pagedbackend.engine_core import EngineCore
 from pagedbackend.errors import InvalidRequest
-from pagedbackend.executor import UniprocExecutor
+from pagedbackend.executor import make_executor
 from pagedbackend.metrics import EngineStats, StatsSnapshot
 from pagedbackend.output_processor import OutputProcessor
 from pagedbackend.outputs import RequestOutput
@@ -49,7 +49,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, progress: bool = True) -> None:
         self.config = config
         self.tokenizer = load_tokenizer(config.tokenizer)
-        self.executor = UniprocExecutor(config, progress)
+        self.executor = make_executor(config, progress)
         config.num_kv_blocks = self.executor.num_blocks
         self._eos_ids = self._eos_token_ids()
         self.core = EngineCore(self.executor, block_size=config.block_size,
@@ -272,6 +272,11 @@ class LLMEngine:
     def reset_prefix_cache(self) -> bool:
         """Drop the prefix cache (vLLM's name); False, changing nothing, while requests run."""
         return self.kv_cache_manager.reset_prefix_cache()
+
+    def shutdown(self) -> None:
+        """Stop the executor: tensor-parallel workers end (bounded), the process group is left.
+        Idempotent; a one-rank engine has nothing to stop."""
+        self.executor.shutdown()
 
     def check_all_blocks_free(self) -> None:
         """AssertionError unless no request holds a block (tests call this after every run)."""

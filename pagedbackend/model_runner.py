@@ -18,6 +18,7 @@ import torch
 from pagedbackend.attention import get_attention_backend
 from pagedbackend.attention.metadata import AttentionMetadata
 from pagedbackend.config import EngineConfig
+from pagedbackend.distributed import get_tp_rank, rank_device, ranks_agree, tp_min
 from pagedbackend.input_batch import InputBatch, StepInputs
 from pagedbackend.models.loader import load_model
 from pagedbackend.sampler import Sampler, SamplingBatch, gather_logprobs
@@ -29,15 +30,17 @@ logger = logging.getLogger(__name__)
 class ModelRunner:
     def __init__(self, config: EngineConfig, progress: bool = True) -> None:
         self.config = config
-        self.device = torch.device(config.device)
+        self.device = torch.device(rank_device(config.device))
+        self.rank = get_tp_rank()
         self.block_size = config.block_size
-        self.model = load_model(config, progress)
+        self.model = load_model(config, progress, str(self.device))
         self.vocab_size = config.model_config.vocab_size
         layers = self.model.attention_layers()
         self.num_kv_heads = layers[0].num_kv_heads
         self.head_dim = layers[0].head_dim
         self.backend = get_attention_backend(config.attention_backend)
-        self.num_blocks = config.num_kv_blocks or self._blocks_from_memory(len(layers))
+        # The same pool (size and block ids) on every rank: the smallest any rank can hold.
+        self.num_blocks = config.num_kv_blocks or tp_min(self._blocks_from_memory(len(layers)))
         min_blocks = -(-config.max_model_len // self.block_size)
         if self.num_blocks < min_blocks:
             raise ValueError(
@@ -101,27 +104,33 @@ class ModelRunner:
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
         """Run one step: apply the step's diffs to the batch, block moves (swap out, swap in,
         copy-on-write), then the forward pass; one result row per sampled sequence."""
-        self.sampler.forget(out.finished_seq_ids)
-        self.batch.apply(out)
-        if out.blocks_to_swap_out:
-            _copy_between(self.kv_cache, self.host_cache, out.blocks_to_swap_out)
-        if out.blocks_to_swap_in:
-            _copy_between(self.host_cache, self.kv_cache, out.blocks_to_swap_in)
-        if out.blocks_to_copy:
-            self.backend.copy_blocks(self.kv_cache, out.blocks_to_copy)
-        if not out.scheduled:
-            return RunnerOutput.empty()
-        step = self.batch.prepare(out)
-        input_ids, positions, meta = self._tensors(step)
+        # Everything before the forward pass, agreed on by every tensor-parallel rank: one
+        # rank failing here fails the step on all of them (no rank waits in a collective).
+        with ranks_agree("preparing the step"):
+            self.sampler.forget(out.finished_seq_ids)
+            self.batch.apply(out)
+            if out.blocks_to_swap_out:
+                _copy_between(self.kv_cache, self.host_cache, out.blocks_to_swap_out)
+            if out.blocks_to_swap_in:
+                _copy_between(self.host_cache, self.kv_cache, out.blocks_to_swap_in)
+            if out.blocks_to_copy:
+                self.backend.copy_blocks(self.kv_cache, out.blocks_to_copy)
+            if not out.scheduled:
+                return RunnerOutput.empty()
+            step = self.batch.prepare(out)
+            input_ids, positions, meta = self._tensors(step)
         self.backend.prepare(meta, self.kv_caches[0][0])
         hidden = self.model(input_ids, positions, meta)
         logits = self.model.compute_logits(hidden[torch.from_numpy(step.logits_indices).to(self.device)])
         seq_ids = out.sampled_seq_ids()
         sampled = self.sampler(logits, self._sampling_batch(out, step, seq_ids))
         self._append_sampled(out, step, sampled.tokens)
-        result = RunnerOutput(seq_ids, [[] if beam is not None else [t]
-                                        for t, beam in zip(sampled.tokens, sampled.beam_candidates)],
-                              [None if lp is None else [lp] for lp in sampled.logprobs], sampled.beam_candidates)
+        tokens, beams, logprobs = sampled.tokens, sampled.beam_candidates, sampled.logprobs
+        if any(beams) or any(logprobs):  # row by row only when a row is a beam or reports logprobs
+            result = RunnerOutput(seq_ids, [[] if beam is not None else [t] for t, beam in zip(tokens, beams)],
+                                  [None if lp is None else [lp] for lp in logprobs], beams)
+        else:  # the usual step (any() is a C loop)
+            result = RunnerOutput(seq_ids, [[t] for t in tokens], [None] * len(tokens), beams)
         if step.prompt_rows:
             result.prompt_logprobs = self._prompt_logprobs(hidden, step.prompt_rows)
         return result
@@ -132,33 +141,31 @@ class ModelRunner:
         b = self.batch
         slots = step.sample_slots
         special = []
-        fork_params = {f.seq_id: f.params for it in out.scheduled if it.sample for f in it.forks}
-        for row, (slot, seq_id) in enumerate(zip(slots.tolist(), seq_ids)):
-            params = fork_params.get(seq_id)
-            if params is None:
-                if slot not in b.special:
-                    continue
-                params = b.params[slot]
-            special.append((row, b.row_view(slot, seq_id, params)))
+        has_forks = len(slots) > len(step.own_rows)
+        if has_forks or b.special:  # else no row is special: the usual decode step skips the loop
+            fork_params = {f.seq_id: f.params for it in out.scheduled if it.sample for f in it.forks}
+            for row, (slot, seq_id) in enumerate(zip(slots.tolist(), seq_ids)):
+                params = fork_params.get(seq_id)
+                if params is None:
+                    if slot not in b.special:
+                        continue
+                    params = b.params[slot]
+                special.append((row, b.row_view(slot, seq_id, params)))
         return self.sampler.build_batch(b.temperature[slots], b.top_k[slots], b.top_p[slots], b.min_p[slots],
                                         b.greedy[slots], special, self.vocab_size)
 
     def _append_sampled(self, out: SchedulerOutput, step: StepInputs, tokens: list[int]) -> None:
         """Append each sequence's own sampled token to its slot (forks enter the batch as new
         sequences later, with their token; beams get theirs from the scheduler's decision)."""
-        slots, values = [], []
-        row = 0
         b = self.batch
-        for it in out.scheduled:
-            if not it.sample:
-                continue
-            slot = int(step.sample_slots[row])
-            if not b.beam_k[slot]:
-                slots.append(slot)
-                values.append(tokens[row])
-            row += 1 + len(it.forks)
-        if slots:
-            b.append_sampled(np.asarray(slots, dtype=np.int64), np.asarray(values, dtype=np.int32))
+        rows = step.own_rows
+        slots = step.sample_slots[rows]
+        values = np.asarray(tokens, dtype=np.int32)[rows]
+        if b.special:  # a beam's slot is always special; its token comes from the scheduler's decision
+            keep = np.fromiter((not b.beam_k[slot] for slot in slots.tolist()), dtype=np.bool_, count=len(slots))
+            slots, values = slots[keep], values[keep]
+        if len(slots):
+            b.append_sampled(slots, values)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, prompt_rows: list[tuple[int, list[int], list[int], int]]):
         """Logprob of each prompt token given the ones before it, from this chunk's hidden

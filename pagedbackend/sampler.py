@@ -145,7 +145,7 @@ class Sampler:
             raw_logprobs = torch.log_softmax(logits, dim=-1)
         logits = self._process(logits.clone() if raw_logprobs is not None else logits, batch)
 
-        greedy_tokens = logits.argmax(dim=-1)
+        greedy_tokens = _row_argmax(logits)
         if batch.all_greedy:
             tokens = greedy_tokens
         else:
@@ -205,7 +205,17 @@ class Sampler:
                 gen.manual_seed(seq.params.seed)
                 self._seq_generators[seq.seq_id] = gen
             noise[row].exponential_(generator=gen)
-        return (probs / noise).argmax(dim=-1)
+        return _row_argmax(probs / noise)
+
+
+def _row_argmax(x: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax, as `x.argmax(dim=-1)` gives it (the first index on ties; a NaN counts
+    as the largest value). On the CPU this is numpy's argmax over the same memory: torch's
+    single-threaded one took 1.3 ms at [256, 2048] float32 logits, numpy's 0.06 ms, and it was
+    most of a decode step's sampling (measured on the 2-core dev box)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return torch.from_numpy(x.detach().numpy().argmax(axis=-1))
+    return x.argmax(dim=-1)
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Any]) -> torch.Tensor:

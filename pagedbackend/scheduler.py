@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from operator import attrgetter
 
 from pagedbackend.beam_search import BeamSearchGroup
 from pagedbackend.errors import InvalidRequest
@@ -30,6 +31,9 @@ SCHEDULING_POLICIES = ("fcfs", "priority")
 PREEMPTION_MODES = ("recompute", "swap")
 # What `update` hands the frontend.
 CoreOutput = SeqOutput | RequestDone
+
+
+_sample = attrgetter("sample")
 
 
 def _parked(seq: Sequence) -> bool:
@@ -94,7 +98,7 @@ class Scheduler:
             raise InvalidRequest("n", f"n={len(seqs)} exceeds max_num_seqs={self.max_num_seqs}")
         if first.beam_group is not None and first.beam_group.width > self.max_num_seqs:
             raise InvalidRequest("beam_width", f"beam_width={first.beam_group.width} exceeds max_num_seqs={self.max_num_seqs}")
-        first.fork_children = children
+        first.fork_children = tuple(children)
         self.requests[first.request_id] = list(seqs)
         for seq in seqs:
             self._seqs[seq.seq_id] = seq
@@ -156,7 +160,7 @@ class Scheduler:
                 child.status = status
                 self._finished_seq_ids.append(child.seq_id)
                 self._seqs.pop(child.seq_id, None)
-        seq.fork_children = []
+        seq.fork_children = ()
         seqs = self.requests.get(seq.request_id)
         if seqs is not None and all(s.is_finished for s in seqs):
             del self.requests[seq.request_id]
@@ -186,10 +190,21 @@ class Scheduler:
             self.running.sort(key=self._key)  # the victim is always the last one
             made_room = self._preempt_for_waiting()
 
+        kv, in_runner = self.kv, self._in_runner
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_left = len(seq.token_ids) - seq.num_computed_tokens
+            if (num_left == 1 and seq.beam_group is None and not seq.fork_children and seq.seq_id in in_runner
+                    and kv.fits_next_token(seq)):
+                # The usual decode: one token into a block it has, which the runner knows. What
+                # the general path below would decide, without its work: no allocation, no
+                # preemption, nothing new for the runner's batch (no blocks, no tokens, no forks).
+                scheduled.append(ScheduledSeq(seq.seq_id, seq.request_id, seq.num_computed_tokens, 1, True))
+                budget -= 1
+                i += 1
+                continue
+            num_new = min(num_left, budget)
             if _parked(seq):  # a beam that reported, waiting for the rest of its group
                 i += 1
                 continue
@@ -297,7 +312,7 @@ class Scheduler:
         """The step's entry for `seq`, and what the runner's batch must learn about it: all of
         it if the runner does not hold it, else only its new blocks and tokens."""
         sample = seq.num_computed_tokens + num_new == seq.num_tokens
-        forks = [ForkSeq(c.seq_id, c.params) for c in seq.fork_children] if sample else []
+        forks = tuple(ForkSeq(c.seq_id, c.params) for c in seq.fork_children) if sample else ()
         if seq.seq_id not in self._in_runner:
             self._in_runner.add(seq.seq_id)
             self._runner_tokens.pop(seq.seq_id, None)
@@ -343,7 +358,7 @@ class Scheduler:
         st.last_batch_seqs = len(out.scheduled)
         st.last_batch_tokens = out.num_batched_tokens
         st.max_batch_seqs = max(st.max_batch_seqs, len(out.scheduled))
-        if any(not s.sample for s in out.scheduled):  # a prompt computed only in part
+        if not all(map(_sample, out.scheduled)):  # a prompt computed only in part
             st.num_chunked_prefill_steps += 1
 
     # ------------------------------------------------------------------ update
@@ -351,18 +366,23 @@ class Scheduler:
         """Advance the scheduled sequences by what the step computed and sampled, and say what
         each produced. Token-level stops (max_tokens, max_model_len, EOS, stop_token_ids) are
         applied here; beam groups whose beams have all reported take their next step."""
-        row = 0
         outputs: list[CoreOutput] = []
         groups: list[BeamSearchGroup] = []
+        seqs, cache_computed_blocks = self._seqs, self.kv.cache_computed_blocks
+        all_prompt_logprobs = result.prompt_logprobs
+        token_ids, logprobs = result.token_ids, result.logprobs
+        running = SequenceStatus.RUNNING
+        row = 0  # the next item's first sampled row
         for item in out.scheduled:
-            seq = self._seqs.get(item.seq_id)
-            rows = range(row, row + (1 + len(item.forks) if item.sample else 0))
-            row = rows.stop
-            if seq is None or seq.is_finished or seq.status != SequenceStatus.RUNNING:
+            seq = seqs.get(item.seq_id)
+            first = row  # its own row; its forks' rows follow
+            if item.sample:
+                row += 1 + len(item.forks)
+            if seq is None or seq.status is not running:
                 continue  # aborted while the step ran; its sampled tokens are dropped
             seq.num_computed_tokens += item.num_new_tokens
-            self.kv.cache_computed_blocks(seq)
-            prompt_logprobs = result.prompt_logprobs.get(seq.seq_id)
+            cache_computed_blocks(seq)
+            prompt_logprobs = all_prompt_logprobs.get(seq.seq_id) if all_prompt_logprobs else None
             if prompt_logprobs:
                 seq.num_prompt_logprobs += len(prompt_logprobs)
                 if not item.sample or seq.beam_group is not None:
@@ -371,23 +391,23 @@ class Scheduler:
             if not item.sample:
                 continue
             if seq.beam_group is not None:
-                seq.beam_group.report(seq, *result.beam_candidates[rows[0]])
+                seq.beam_group.report(seq, *result.beam_candidates[first])
                 if seq.beam_group not in groups:
                     groups.append(seq.beam_group)
                 continue
-            children = seq.fork_children
-            seq.fork_children = []
-            for child, r in zip(children, rows[1:]):
-                if child.is_finished:
-                    continue
-                self.kv.fork(seq, child)
-                child.num_computed_tokens = seq.num_computed_tokens
-                child.num_cached_tokens = seq.num_cached_tokens
-                child.status = SequenceStatus.RUNNING
-                self.running.append(child)
-                outputs.append(self._append_tokens(child, result.token_ids[r], result.logprobs[r]))
-            outputs.append(self._append_tokens(seq, result.token_ids[rows[0]], result.logprobs[rows[0]],
-                                               prompt_logprobs))
+            if seq.fork_children:
+                children = seq.fork_children
+                seq.fork_children = ()
+                for child, r in zip(children, range(first + 1, row)):
+                    if child.is_finished:
+                        continue
+                    self.kv.fork(seq, child)
+                    child.num_computed_tokens = seq.num_computed_tokens
+                    child.num_cached_tokens = seq.num_cached_tokens
+                    child.status = SequenceStatus.RUNNING
+                    self.running.append(child)
+                    outputs.append(self._append_tokens(child, token_ids[r], logprobs[r]))
+            outputs.append(self._append_tokens(seq, token_ids[first], logprobs[first], prompt_logprobs))
         for group in groups:
             if group.ready:
                 done = self._advance_beams(group)
@@ -447,21 +467,30 @@ class Scheduler:
     def _append_tokens(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprobs] | None,
                        prompt_logprobs: list[TokenLogprobs] | None = None) -> SeqOutput:
         """Append a row's sampled tokens until one ends the sequence (the rest are dropped)."""
-        kept: list[int] = []
-        kept_logprobs: list[TokenLogprobs] = []
-        status = reason = None
-        for i, token in enumerate(tokens):
+        reported = seq.reports_logprobs  # else the output's logprobs are None
+        if len(tokens) == 1 and logprobs is None:  # the usual decode: the loop's outcome, without the loop
+            token = tokens[0]
             seq.token_ids.append(token)
-            kept.append(token)
-            if logprobs is not None:
-                seq.cumulative_logprob += logprobs[i].logprob
-                kept_logprobs.append(logprobs[i])
+            kept, kept_logprobs = [token], ([] if reported else None)
             status, reason = self._check_stop(seq, token)
-            if status is not None:
-                break
-        out = SeqOutput(seq.request_id, seq.seq_id, seq.index, kept,
-                        kept_logprobs if seq.params.logprobs is not None else None, seq.cumulative_logprob,
-                        new_prompt_logprobs=prompt_logprobs, num_cached_tokens=seq.num_cached_tokens)
+        else:
+            kept, kept_logprobs = [], []
+            status = reason = None
+            for i, token in enumerate(tokens):
+                seq.token_ids.append(token)
+                kept.append(token)
+                if logprobs is not None:
+                    seq.cumulative_logprob += logprobs[i].logprob
+                    kept_logprobs.append(logprobs[i])
+                status, reason = self._check_stop(seq, token)
+                if status is not None:
+                    break
+            if not reported:
+                kept_logprobs = None
+        # Positional, though long: keyword arguments cost ~1.5k instructions a call here, once
+        # per sequence per step. (The two Nones are finish_reason and stop_reason.)
+        out = SeqOutput(seq.request_id, seq.seq_id, seq.index, kept, kept_logprobs, seq.cumulative_logprob,
+                        None, None, prompt_logprobs, seq.num_cached_tokens)
         if status is not None:
             seq.stop_reason = reason
             self._finish(seq, status)
@@ -469,12 +498,17 @@ class Scheduler:
         return out
 
     def _check_stop(self, seq: Sequence, token: int) -> tuple[SequenceStatus | None, int | None]:
+        num_tokens = len(seq.token_ids)  # seq.num_tokens, and below seq.num_output_tokens, read once
+        if (num_tokens < self.max_model_len and (seq.max_num_tokens is None or num_tokens < seq.max_num_tokens)
+                and token not in seq.all_stop_token_ids):
+            return None, None  # the usual answer, from the sequence alone: no length limit, no stop token
         params = seq.params
-        if seq.num_tokens >= self.max_model_len or (
-            params.max_tokens is not None and seq.num_output_tokens >= params.max_tokens
+        num_output_tokens = num_tokens - seq.prompt_len
+        if num_tokens >= self.max_model_len or (
+            params.max_tokens is not None and num_output_tokens >= params.max_tokens
         ):
             return SequenceStatus.FINISHED_LENGTH, None
-        if seq.num_output_tokens < params.min_tokens:
+        if num_output_tokens < params.min_tokens:
             return None, None
         if token in params.stop_token_ids:
             return SequenceStatus.FINISHED_STOPPED, token

@@ -80,6 +80,14 @@ class SampledTokens:
 class Sequence(SampledTokens):
     """Prompt + generated tokens, how many of them have KV computed, and scheduling state."""
 
+    # Slots, the ones every decode step reads first: the scheduler touches each running
+    # sequence twice a step, after a forward pass has flushed the CPU caches, and attributes
+    # stored in the object itself (not in a separate dict) cost fewer cache misses.
+    __slots__ = ("seq_id", "token_ids", "num_computed_tokens", "status", "params", "beam_group", "fork_children",
+                 "request_id", "index", "prompt_len", "cumulative_logprob", "num_cached_tokens", "max_num_tokens",
+                 "all_stop_token_ids", "reports_logprobs", "arrival_time", "priority", "stop_reason",
+                 "num_preemptions", "block_hashes", "num_prompt_logprobs", "bad_words_ids")
+
     def __init__(
         self,
         request_id: str,
@@ -100,12 +108,21 @@ class Sequence(SampledTokens):
         self.num_computed_tokens = 0
         self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at its first admission
         self.status = SequenceStatus.WAITING
+        # What the scheduler's stop check reads of `params` (the request's, never changed), kept
+        # here for the check that runs on every sequence every step: the sequence itself is in
+        # the CPU cache by then, its params are not (a few misses each). The token count at
+        # which max_tokens ends it (None: no limit), every token id that can end it, and
+        # whether its outputs carry logprobs.
+        self.max_num_tokens = None if params.max_tokens is None else self.prompt_len + params.max_tokens
+        self.all_stop_token_ids = params.all_stop_token_ids
+        self.reports_logprobs = params.logprobs is not None
         self.stop_reason: int | str | None = None
         self.num_preemptions = 0
         # Chained hashes of this sequence's full blocks, extended as tokens arrive.
         self.block_hashes: list[BlockHash] = []
         # Samples 1..n-1 of a request, waiting for this (first) sample's prefill to fork from it.
-        self.fork_children: list[Sequence] = []
+        # A tuple: () for nearly every sequence, and () is shared (no object to load per check).
+        self.fork_children: tuple[Sequence, ...] = ()
         # Sum of the chosen tokens' logprobs (reported when asked for, and ranks best_of samples).
         self.cumulative_logprob = 0.0
         # Prompt positions whose logprobs were reported (when `params.prompt_logprobs` is set;

@@ -14,6 +14,7 @@ copy; the scheduler keeps its own. A sampled row may carry several tokens (specu
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from pagedbackend.sampling_params import SamplingParams
 
@@ -44,7 +45,7 @@ class NewSeq:
     prompt_logprobs_done: int = 0  # prompt positions whose logprobs were already reported
 
 
-@dataclass
+@dataclass(slots=True)
 class ForkSeq:
     """A sample of `n > 1` / `best_of` forked from its first sample's last prompt logits this
     step: the runner samples it from the parent's row with its own params (seed)."""
@@ -53,17 +54,23 @@ class ForkSeq:
     params: SamplingParams
 
 
-@dataclass
+@dataclass(slots=True)
 class ScheduledSeq:
     """One sequence's work in the step: compute `num_new_tokens` tokens after its first
-    `num_computed_tokens`; `sample` when they end at its last known token."""
+    `num_computed_tokens`; `sample` when they end at its last known token. (Slots: one is built
+    per running sequence every step, so building and reading them is on the hot path.)"""
 
     seq_id: int
     request_id: str
     num_computed_tokens: int
     num_new_tokens: int
     sample: bool
-    forks: list[ForkSeq] = field(default_factory=list)
+    forks: tuple[ForkSeq, ...] = ()  # a tuple: the usual step has none, and () is not an allocation
+
+
+# C-level field readers for whole-batch passes over `SchedulerOutput.scheduled`.
+_num_new_tokens = attrgetter("num_new_tokens")
+_forks = attrgetter("forks")
 
 
 @dataclass
@@ -83,7 +90,7 @@ class SchedulerOutput:
 
     @property
     def num_batched_tokens(self) -> int:
-        return sum(s.num_new_tokens for s in self.scheduled)
+        return sum(map(_num_new_tokens, self.scheduled))
 
     @property
     def is_empty(self) -> bool:
@@ -93,6 +100,8 @@ class SchedulerOutput:
     def sampled_seq_ids(self) -> list[int]:
         """One row per sampled sequence, in the order the runner answers: each scheduled
         sequence that samples, followed by the samples forked from it."""
+        if not any(map(_forks, self.scheduled)):  # the usual step: no fork, one row per sampling sequence
+            return [item.seq_id for item in self.scheduled if item.sample]
         rows: list[int] = []
         for item in self.scheduled:
             if item.sample:
@@ -119,10 +128,11 @@ class RunnerOutput:
         return cls([], [], [], [])
 
 
-@dataclass
+@dataclass(slots=True)
 class SeqOutput:
     """What one sequence produced in a step, for the frontend. `finish_reason` is set when the
-    engine ended it (a stop token, a length limit, an error); stop strings are the frontend's."""
+    engine ended it (a stop token, a length limit, an error); stop strings are the frontend's.
+    (Slots: one per sampled sequence per step.)"""
 
     request_id: str
     seq_id: int

@@ -91,8 +91,9 @@ def build_batch(query_lens, seq_lens, num_kv_heads, block_size, head_dim, num_he
     return q, k, v, key_cache, value_cache, meta, tables
 
 
-def reference(q, k, v, key_cache, value_cache, meta, tables, scale, window):
-    """Plain float64 attention from a cache that has the new tokens written in."""
+def reference(q, k, v, key_cache, value_cache, meta, tables, scale, window, soft_cap=None):
+    """Plain float64 attention from a cache that has the new tokens written in; `soft_cap`
+    caps the scaled scores first, as transformers' eager Gemma 2 does: cap * tanh(s / cap)."""
     kc, vc = key_cache.double().clone(), value_cache.double().clone()
     block_size = kc.shape[2]
     num_heads, num_kv_heads = q.shape[1], kc.shape[1]
@@ -112,6 +113,8 @@ def reference(q, k, v, key_cache, value_cache, meta, tables, scale, window):
             for h in range(num_heads):
                 kvh = h // (num_heads // num_kv_heads)
                 s = (keys[kvh, lo:pos + 1] @ q[qsl[i] + j, h].double()) * scale
+                if soft_cap is not None:
+                    s = torch.tanh(s / soft_cap) * soft_cap
                 out[qsl[i] + j, h] = torch.softmax(s, 0) @ values[kvh, lo:pos + 1]
     return out
 

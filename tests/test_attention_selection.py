@@ -91,13 +91,22 @@ def test_auto_with_nothing_fitting_lists_every_backend_and_its_reason(model_dir,
         assert f"{name}: " in message and f"is switched off ({name} test)" in message, name
 
 
-def test_soft_capping_fits_no_backend_and_auto_says_so_for_each(model_dir, tmp_path):
+def test_soft_capping_fits_every_backend_and_a_backend_without_it_is_refused(model_dir, tmp_path, monkeypatch):
     path = _model_with(model_dir, tmp_path, attn_logit_softcapping=50.0)
+    config = EngineArgs(model=str(path)).create_engine_config()
+    assert config.attention_backend == ("cpu" if native is not None else "torch")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for name in _runnable():
+        assert select_attention_backend(name, "cpu", torch.float32, head_size=16, block_size=16,
+                                        logits_soft_cap=50.0) == name
+    # The model's cap reaches the check: a backend declaring no soft-capping says so.
+    for cls in BACKENDS.values():
+        monkeypatch.setattr(cls, "supports_logits_soft_cap", False)
     with pytest.raises(ValueError) as info:
         EngineArgs(model=str(path)).create_engine_config()
     message = str(info.value)
     assert "logits_soft_cap=50.0" in message
-    assert "torch: does not support attention-logit soft-capping" in message
+    assert "torch: does not support attention-logit soft-capping (the model caps at 50.0)" in message
     for name in BACKENDS:
         assert f"{name}: " in message, name
 
@@ -179,8 +188,8 @@ def test_every_backend_declares_its_support():
     for name, cls in BACKENDS.items():
         assert cls.name == name and issubclass(cls, AttentionBackend)
         assert cls.device_types and cls.dtypes
-        assert cls.supports_logits_soft_cap is False  # none implements it: forward() takes no cap
-        assert "soft" not in " ".join(inspect.signature(cls.forward).parameters)
+        assert cls.supports_logits_soft_cap is True  # every one implements it: forward() takes the cap
+        assert inspect.signature(cls.forward).parameters["logits_soft_cap"].default is None
         assert cls.supports_sliding_window is True
         assert cls.get_kv_cache_shape(10, 2, 16, 64) == kv_cache_shape(10, 2, 16, 64)
     assert CpuAttentionBackend.device_types == ("cpu",) and CpuAttentionBackend.dtypes == (torch.float32,)
@@ -210,19 +219,19 @@ def test_what_a_backend_declares_it_computes(name, monkeypatch):
     cls = BACKENDS[name]
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     for dtype, head_size, block_size in _declared_cases(cls):
-        for window in (None, 24):
+        for window, soft_cap in ((None, None), (24, None), (None, 2.0), (24, 2.0)):
             assert cls.supports("cpu", dtype, head_size, block_size, sliding_window=window,
-                                num_queries_per_kv=2) is None
+                                logits_soft_cap=soft_cap, num_queries_per_kv=2) is None
             # Two decodes, a fresh prompt, a chunk with context; block edges crossed.
             q, k, v, kc, vc, meta, tables = build_batch([1, 1, 3, 5], [2, block_size + 1, 3, block_size + 9], 2,
                                                         block_size, head_size, 4, dtype=dtype,
                                                         seed=head_size + block_size)
-            expected = reference(q, k, v, kc, vc, meta, tables, 1 / math.sqrt(head_size), window)
+            expected = reference(q, k, v, kc, vc, meta, tables, 1 / math.sqrt(head_size), window, soft_cap)
             backend = get_attention_backend(name)
             backend.prepare(meta, kc)
-            out = backend.forward(q, k, v, kc, vc, meta, 1 / math.sqrt(head_size), window)
+            out = backend.forward(q, k, v, kc, vc, meta, 1 / math.sqrt(head_size), window, logits_soft_cap=soft_cap)
             assert torch.isfinite(out).all()
-            assert rel_err(out, expected) < TOLERANCE[dtype], (dtype, head_size, block_size, window)
+            assert rel_err(out, expected) < TOLERANCE[dtype], (dtype, head_size, block_size, window, soft_cap)
 
 
 @needs_native

@@ -62,7 +62,10 @@ def test_unknown_sampling_field_from_a_payload_is_named():
     ("enable_prefix_caching", "on", "enable_prefix_caching must be true or false"),
     ("attention_backend", "flash", "attention_backend must be one of"),
     ("seed", -1, "seed must be at least 0"),
-    ("tensor_parallel_size", 2, "tensor_parallel_size must be 1"),
+    ("tensor_parallel_size", 0, "tensor_parallel_size must be at least 1"),
+    ("tensor_parallel_size", 3, "num_attention_heads=4 is not divisible by tensor_parallel_size=3"),
+    ("distributed_executor_backend", "ray", "distributed_executor_backend must be one of"),
+    ("distributed_timeout_s", 0, "distributed_timeout_s must be at least 1"),
     ("load_format", "gguf", "load_format must be one of"),
 ])
 def test_invalid_engine_argument_names_the_field(field, value, message, model_dir):
@@ -108,13 +111,16 @@ def test_malformed_config_json(model_dir, tmp_path):
         EngineArgs(model=str(path)).create_engine_config()
 
 
-def test_unsupported_architecture_lists_the_supported_ones(model_dir, tmp_path):
+def test_an_architecture_transformers_does_not_know_is_named(model_dir, tmp_path):
     path = _copy_model(model_dir, tmp_path)
     cfg = json.loads((path / "config.json").read_text())
-    cfg["architectures"], cfg["model_type"] = ["FalconForCausalLM"], "falcon"
+    cfg["architectures"], cfg["model_type"] = ["FrobnicatorForCausalLM"], "frobnicator"
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="FalconForCausalLM is not supported; supported: LlamaForCausalLM"):
+    with pytest.raises(ValueError, match="frobnicator"):
         EngineArgs(model=str(path)).create_engine_config()
+    with pytest.raises(ValueError, match="FrobnicatorForCausalLM has no native implementation .native: "
+                                         "LlamaForCausalLM"):
+        EngineArgs(model=str(path), model_impl="native").create_engine_config()
 
 
 def test_unsupported_rope_type(model_dir, tmp_path, make_engine):

@@ -42,7 +42,7 @@ def test_every_field_is_declared_with_type_default_and_help():
         assert s.help and not s.help.endswith("."), s.name
         assert s.type in (str, int, float, bool), s.name
         if s.choices is not None and not s.required:
-            assert s.default in s.choices, s.name
+            assert s.default in s.choices or (s.optional and s.default is None and s.doc_default), s.name
         if not s.required:
             s.validate(s.default)  # every default passes its own declaration
     assert EngineArgs.settings() == settings
@@ -329,7 +329,10 @@ def test_engine_config_is_made_of_typed_sub_configs_with_flat_views(model_dir):
                              scheduling_policy="lifo"), "scheduling_policy must be one of"),
     (lambda: SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=None, max_model_len=64),
      "max_num_batched_tokens must be resolved"),
-    (lambda: ParallelConfig(tensor_parallel_size=2), "tensor_parallel_size must be 1"),
+    (lambda: ParallelConfig(tensor_parallel_size=0), "tensor_parallel_size must be at least 1"),
+    (lambda: ParallelConfig(tensor_parallel_size=2), "'uni' is for one rank only"),
+    (lambda: ParallelConfig(tensor_parallel_size=2, distributed_executor_backend="ray"),
+     "distributed_executor_backend must be one of"),
     (lambda: DeviceConfig(device="tpu", dtype=torch.float32), "device must be one of"),
     (lambda: DeviceConfig(device="auto", dtype=torch.float32), "device must be resolved"),
     (lambda: DeviceConfig(device="cpu", dtype=torch.float64), "dtype must be one of"),

@@ -1,7 +1,8 @@
 """Triton kernels in the interpreter (TRITON_INTERPRET=1, set in conftest) against float64
 references — fresh random inputs, NaN-poisoned outputs, scattered blocks, lengths around
-block edges, mixed prefill/decode batches, every GQA ratio, each dtype — and every
-production variant compiled for real GPUs (sm_90, sm_80) on this CPU."""
+block edges, mixed prefill/decode batches, every GQA ratio, each dtype, sliding windows and
+attention-logit soft-capping — and every production variant compiled for real GPUs (sm_90,
+sm_80) on this CPU."""
 
 from __future__ import annotations
 
@@ -20,26 +21,32 @@ from pagedbackend.kernels.paged_attention import (choose_num_splits, split_kv_de
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 # Decodes around block edges, a fresh prompt, prompt chunks with cached context.
 MIXED = ([1, 1, 1, 1, 1, 5, 16, 17], [1, 15, 16, 17, 33, 5, 16, 40])
+# Scores are ~N(0, 1) (unit q, k and scale 1/sqrt(head_dim)); a cap of 2 bends the larger ones a lot.
+SOFT_CAP = 2.0
 
 
-def run_unified(num_heads, num_kv_heads, block_size, head_dim, dtype, window, lens=MIXED, seed=0):
+def run_unified(num_heads, num_kv_heads, block_size, head_dim, dtype, window, lens=MIXED, seed=0, soft_cap=None):
     query_lens, seq_lens = lens
     q, k, v, kc, vc, meta, tables = build_batch(query_lens, seq_lens, num_kv_heads, block_size, head_dim, num_heads,
                                                 dtype=dtype, seed=seed)
     scale = 1 / math.sqrt(head_dim)
-    expected = reference(q, k, v, kc, vc, meta, tables, scale, window)
+    expected = reference(q, k, v, kc, vc, meta, tables, scale, window, soft_cap)
+    if soft_cap is not None:  # the cap changes the answer far beyond the tolerance
+        assert rel_err(reference(q, k, v, kc, vc, meta, tables, scale, window), expected) > 1e-2
     reshape_and_cache(k, v, kc, vc, meta.slot_mapping)
     out = torch.full(q.shape, float("nan"), dtype=dtype)
     unified_attention(out, q, kc, vc, meta.block_tables, meta.seq_lens, meta.query_start_loc,
-                      meta.query_start_loc_host, meta.max_query_len, scale, window)
+                      meta.query_start_loc_host, meta.max_query_len, scale, window, logits_soft_cap=soft_cap)
     assert torch.isfinite(out).all(), "some output element was never written"
     assert rel_err(out, expected) < TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(2, 2), (4, 2), (8, 2), (8, 1)])
 @pytest.mark.parametrize("window", [None, 12])
-def test_unified_attention_every_gqa_ratio(num_heads, num_kv_heads, window):
-    run_unified(num_heads, num_kv_heads, 16, 64, torch.float32, window, seed=num_heads + num_kv_heads)
+@pytest.mark.parametrize("soft_cap", [None, SOFT_CAP])
+def test_unified_attention_every_gqa_ratio(num_heads, num_kv_heads, window, soft_cap):
+    run_unified(num_heads, num_kv_heads, 16, 64, torch.float32, window, soft_cap=soft_cap,
+                seed=num_heads + num_kv_heads + (0 if soft_cap is None else 100))
 
 
 @pytest.mark.parametrize("head_dim", [64, 80, 96, 128, 256])
@@ -59,6 +66,24 @@ def test_unified_attention_half_precision(dtype, num_heads, num_kv_heads, block_
     run_unified(num_heads, num_kv_heads, block_size, head_dim, dtype, None, seed=head_dim + num_heads)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_unified_attention_soft_cap_half_precision_gemma2_shape(dtype):
+    # Gemma 2's layout at small scale: head_dim 256, two query heads per KV head, a window.
+    run_unified(4, 2, 16, 256, dtype, 12, soft_cap=SOFT_CAP, seed=256)
+
+
+def test_soft_cap_must_be_positive():
+    q, k, v, kc, vc, meta, _ = build_batch([1, 4], [20, 4], 2, 16, 64, 4)
+    for cap in (0.0, -5.0):
+        with pytest.raises(ValueError, match="logits_soft_cap must be positive"):
+            unified_attention(torch.empty(q.shape), q, kc, vc, meta.block_tables, meta.seq_lens,
+                              meta.query_start_loc, meta.query_start_loc_host, meta.max_query_len, 0.125,
+                              logits_soft_cap=cap)
+        with pytest.raises(ValueError, match="logits_soft_cap must be positive"):
+            split_kv_decode_attention(torch.empty(q.shape), q, kc, vc, meta.block_tables, meta.seq_lens, 20, 0.125,
+                                      2, logits_soft_cap=cap)
+
+
 def test_unified_attention_fresh_inputs_each_time_give_fresh_outputs():
     """Guards against a kernel that returns stale data: two seeds, two different answers."""
     outs = []
@@ -73,18 +98,21 @@ def test_unified_attention_fresh_inputs_each_time_give_fresh_outputs():
 
 
 @pytest.mark.parametrize("num_splits", [2, 4])
-@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,window", [(4, 4, 64, None), (8, 2, 80, None), (8, 1, 64, 40)])
+@pytest.mark.parametrize("num_heads,num_kv_heads,head_dim,window,soft_cap",
+                         [(4, 4, 64, None, None), (8, 2, 80, None, None), (8, 1, 64, 40, None),
+                          (4, 2, 64, None, SOFT_CAP), (8, 2, 80, 40, SOFT_CAP)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_split_kv_decode_matches_float64(num_splits, num_heads, num_kv_heads, head_dim, window, dtype):
+def test_split_kv_decode_matches_float64(num_splits, num_heads, num_kv_heads, head_dim, window, soft_cap, dtype):
     seq_lens = [1, 15, 16, 17, 100, 257]
+    seed = num_splits * head_dim + (0 if soft_cap is None else 1)
     q, k, v, kc, vc, meta, tables = build_batch([1] * len(seq_lens), seq_lens, num_kv_heads, 16, head_dim, num_heads,
-                                                dtype=dtype, seed=num_splits * head_dim)
+                                                dtype=dtype, seed=seed)
     scale = 1 / math.sqrt(head_dim)
-    expected = reference(q, k, v, kc, vc, meta, tables, scale, window)
+    expected = reference(q, k, v, kc, vc, meta, tables, scale, window, soft_cap)
     reshape_and_cache(k, v, kc, vc, meta.slot_mapping)
     out = torch.full(q.shape, float("nan"), dtype=dtype)
     split_kv_decode_attention(out, q, kc, vc, meta.block_tables, meta.seq_lens, max(seq_lens), scale, num_splits,
-                              window)
+                              window, logits_soft_cap=soft_cap)
     assert torch.isfinite(out).all()
     assert rel_err(out, expected) < TOLERANCE[dtype]
 

@@ -20,6 +20,7 @@ def validate_model_config(config: dict[str, Any]) -> None:
         # collected at once raise ConcurrentModificationException and kill the worker.
         raise ValueError("model-config.yaml: batchSize must be 1 with asyncCommunication (the engine does the "
                          "batching; TorchServe 0.12's async mode crashes the worker with larger batches)")
+    tensor_parallel_size(config)
     handler = dict(config.get("handler") or {})
     known = set(HANDLER_KEYS) | set(EngineArgs.field_names()) - {"model"}
     unknown = sorted(set(handler) - known)
@@ -29,3 +30,44 @@ def validate_model_config(config: dict[str, Any]) -> None:
     for key in HANDLER_KEYS:
         handler.pop(key, None)
     EngineArgs.from_dict({"model": "-", **handler})._check_fields()
+
+
+def tensor_parallel_size(config: dict[str, Any]) -> int:
+    """The engine's ranks, agreeing with how TorchServe is told to run them: `parallelType:
+    custom` + `parallelLevel: N` (the handler's engine starts its ranks), or `parallelType: tp` +
+    `torchrun: {nproc-per-node: N}` (TorchServe starts them). Unset, it follows those."""
+    handler = config.get("handler") or {}
+    kind = config.get("parallelType")
+    if kind in ("tp", "pp", "pptp"):
+        if kind != "tp":
+            raise ValueError(f"model-config.yaml: parallelType: {kind} (pipeline parallelism) is not supported; "
+                             "use tp, or custom")
+        torchrun = config.get("torchrun") or {}
+        launched = int(torchrun.get("nproc-per-node", 1)) * int(torchrun.get("nnodes", 1))
+        source = f"torchrun nproc-per-node x nnodes = {launched}"
+    elif kind == "custom":
+        level = int(config.get("parallelLevel", 1))
+        if level > 1:
+            # Verified on 0.12: WorkerThread connects to parallelLevel sockets whatever the
+            # type, WorkerLifeCycle starts one process for custom: "Failed to connect to worker".
+            raise ValueError(f"model-config.yaml: parallelType: custom with parallelLevel: {level} cannot start on "
+                             "TorchServe 0.12 (its frontend then expects one worker socket per level); for an engine "
+                             f"that starts its own ranks write parallelLevel: {level} without parallelType (as "
+                             "TorchServe's LLM launcher does; `pagedbackend archive --tensor-parallel-size` writes "
+                             "that), or use parallelType: tp with torchrun")
+        launched, source = None, None
+    elif kind is None:
+        launched = int(config["parallelLevel"]) if "parallelLevel" in config else None
+        source = f"parallelLevel: {launched}"
+    else:
+        raise ValueError(f"model-config.yaml: parallelType must be custom or tp, got {kind!r}")
+    tp = handler.get("tensor_parallel_size", launched or 1)
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ValueError(f"model-config.yaml handler: tensor_parallel_size must be a positive integer, got {tp!r}")
+    if launched is not None and tp != launched:
+        raise ValueError(f"model-config.yaml: handler tensor_parallel_size: {tp} does not match {source}")
+    if launched is None and tp > 1:
+        raise ValueError(f"model-config.yaml: tensor_parallel_size: {tp} needs parallelLevel: {tp} (one worker "
+                         f"whose engine starts its ranks), or parallelType: tp with torchrun: "
+                         f"{{nproc-per-node: {tp}}}")
+    return tp

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from pagedbackend import AsyncLLMEngine, EngineArgs
-from pagedbackend.adapters.torchserve.config import validate_model_config
+from pagedbackend.adapters.torchserve.config import tensor_parallel_size, validate_model_config
+from pagedbackend.distributed import launched_by_torchrun
 from pagedbackend.adapters.torchserve.metrics import EngineMetrics
 from pagedbackend.adapters.torchserve.routes import MeteredEngine, RequestPump, complete_body, error_reply, open_reply
 from pagedbackend.errors import InvalidRequest
@@ -86,12 +87,22 @@ class PagedLLMHandler:
         self.model_name = cfg.pop("served_model_name", None) or context.model_name
         self.chat_template = self._chat_template(cfg.pop("chat_template", None), model_dir)
         interval = float(cfg.pop("metrics_interval_s", 1.0))
+        tp = tensor_parallel_size(yaml)
+        cfg["tensor_parallel_size"] = tp
         gpu = context.system_properties.get("gpu_id")
         if gpu is not None and "device" not in cfg:
             import torch
 
-            if torch.cuda.is_available():
-                cfg["device"] = f"cuda:{gpu}"
+            if torch.cuda.is_available():  # each rank takes its own GPU when tensor-parallel
+                cfg["device"] = "cuda" if tp > 1 else f"cuda:{gpu}"
+        if tp > 1 and launched_by_torchrun():
+            # parallelType: tp: TorchServe's torchrun started every rank, each loads this handler
+            # and receives every request. Rank 0 runs the engine and drives the others; only
+            # its responses reach clients.
+            cfg["distributed_executor_backend"] = "mp"
+            if int(os.environ["RANK"]) != 0:
+                self._follow(EngineArgs.from_dict({"model": str(model), **cfg}))
+                return
         args = EngineArgs.from_dict({"model": str(model), **cfg})
         self.engine = AsyncLLMEngine.from_engine_args(args, progress=False)
         self.metrics = EngineMetrics(context.metrics, self.engine, interval)
@@ -104,6 +115,18 @@ class PagedLLMHandler:
             self._pumps: dict[str, RequestPump] = {}
         logger.info("pagedbackend engine ready: model %s, %s mode, %d KV blocks", model,
                     "continuous-batching" if self.continuous else "async", self.engine.engine.config.num_kv_blocks)
+        self.initialized = True
+
+    def _follow(self, args: EngineArgs) -> None:
+        """A rank > 0: run the steps rank 0 sends, on a thread (TorchServe keeps calling
+        `handle` here with every request; those answers are never sent)."""
+        from pagedbackend.executor.multiproc import run_follower
+
+        config = args.create_engine_config()
+        self.follower = threading.Thread(target=run_follower, args=(config,), name="pagedbackend-tp-follower",
+                                         daemon=True)
+        self.follower.start()
+        logger.info("pagedbackend rank %s follows rank 0", os.environ.get("RANK"))
         self.initialized = True
 
     @staticmethod
@@ -135,6 +158,8 @@ class PagedLLMHandler:
     def handle(self, data: list[dict[str, Any]], context: Any):
         """Async mode: returns the coroutine TorchServe's async service awaits. Continuous
         batching: returns this step's pieces, one per request."""
+        if self.engine is None:  # a follower rank: rank 0 answers every request
+            return [""] * len(data)
         if self.continuous:
             return self._step(data, context)
         return self._handle_async(data, context)

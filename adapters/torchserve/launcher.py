@@ -66,9 +66,29 @@ def load_model_config(path: str | os.PathLike | None = None) -> dict[str, Any]:
     return data
 
 
+def set_tensor_parallel(cfg: dict[str, Any], size: int, parallel_type: str = "custom") -> None:
+    """Split the model over `size` ranks: `custom` (one TorchServe worker whose engine starts
+    its ranks) or `tp` (TorchServe starts them with torchrun). `custom` is written as
+    TorchServe's own LLM launcher writes it, `parallelLevel: N` without `parallelType`:
+    TorchServe 0.12's frontend opens `parallelLevel` worker sockets even for `parallelType:
+    custom`, so that spelling cannot start (see `config.tensor_parallel_size`)."""
+    for key in ("parallelType", "parallelLevel", "torchrun"):
+        cfg.pop(key, None)
+    cfg["handler"]["tensor_parallel_size"] = size
+    if size == 1:
+        return
+    if parallel_type == "custom":
+        cfg.update(parallelLevel=size)
+    elif parallel_type == "tp":
+        cfg.update(parallelType="tp", torchrun={"nproc-per-node": size})
+    else:
+        raise ValueError(f"parallel_type must be custom or tp, got {parallel_type!r}")
+
+
 def build_archive(model: str | os.PathLike, name: str, export_path: str | os.PathLike = "model_store",
                   config: str | os.PathLike | None = None, no_archive: bool = False, version: str = "1.0",
-                  model_path: str | os.PathLike | None = None) -> Path:
+                  model_path: str | os.PathLike | None = None, tensor_parallel_size: int | None = None,
+                  parallel_type: str = "custom") -> Path:
     """A .mar (or, with `no_archive`, a directory) holding the handler, the config and the model
     files. With `model_path` (or `handler.model_path` in the config) the model stays where it
     is and the archive only points at it: what you want for large checkpoints."""
@@ -82,6 +102,8 @@ def build_archive(model: str | os.PathLike, name: str, export_path: str | os.Pat
     cfg["handler"] = handler
     if model_path is not None:
         handler["model_path"] = str(Path(model_path).resolve())
+    if tensor_parallel_size is not None:
+        set_tensor_parallel(cfg, tensor_parallel_size, parallel_type)
     validate_model_config(cfg)
     archiver = shutil.which("torch-model-archiver") or str(Path(sys.executable).with_name("torch-model-archiver"))
     export = Path(export_path).resolve()

@@ -107,9 +107,14 @@ class AttentionBackend:
         meta: AttentionMetadata,
         scale: float,
         sliding_window: int | None,
+        logits_soft_cap: float | None = None,
     ) -> torch.Tensor:  # [T, Hq, D]
         """Write k/v into the cache at meta.slot_mapping, then attend: each sequence's new
-        tokens see its cached context and, causally, each other."""
+        tokens see its cached context and, causally, each other. `logits_soft_cap` (Gemma 2's
+        `attn_logit_softcapping`; None: none) caps the scaled scores before masking and softmax,
+        as transformers' eager attention does: scores = cap * tanh((q . k * scale) / cap). Only
+        backends declaring `supports_logits_soft_cap` are given one (PagedAttention.attend
+        passes it, as a keyword, only when it is not None)."""
         raise NotImplementedError
 
     def copy_blocks(self, kv_cache: torch.Tensor, pairs: list[tuple[int, int]]) -> None:

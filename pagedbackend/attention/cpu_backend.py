@@ -15,7 +15,8 @@ from pagedbackend.kernels.cpu_native import NativeKernels
 
 class CpuAttentionBackend(TorchAttentionBackend):
     """Declared: the CPU only, float32 (what the native kernel takes), every head and block
-    size, sliding windows, GQA groups up to 64 (MAX_GROUP in paged_attention_cpu.c); needs the
+    size, sliding windows, attention-logit soft-capping (in the kernel for decodes, the torch
+    backend's for prefills), GQA groups up to 64 (MAX_GROUP in paged_attention_cpu.c); needs the
     native kernel built (a C compiler). Per-step state: the torch backend's."""
 
     name = "cpu"
@@ -24,7 +25,7 @@ class CpuAttentionBackend(TorchAttentionBackend):
     min_head_size, max_head_size = 1, None
     block_sizes = None
     supports_sliding_window = True
-    supports_logits_soft_cap = False
+    supports_logits_soft_cap = True
     max_queries_per_kv = 64
 
     def __init__(self, kernels: NativeKernels) -> None:
@@ -49,11 +50,13 @@ class CpuAttentionBackend(TorchAttentionBackend):
             return super()._decode_chunks(meta, key_cache)
         return []  # the native kernel handles all decodes in one call
 
-    def _decode_batch(self, out, q, key_cache, value_cache, meta: AttentionMetadata, scale, window) -> None:
+    def _decode_batch(self, out, q, key_cache, value_cache, meta: AttentionMetadata, scale, window,
+                      soft_cap=None) -> None:
         if key_cache.dtype != torch.float32:
-            return super()._decode_batch(out, q, key_cache, value_cache, meta, scale, window)
+            return super()._decode_batch(out, q, key_cache, value_cache, meta, scale, window, soft_cap)
         nd = meta.num_decodes
         if q.stride(-1) != 1:  # e.g. GPT-2's q, a strided view of the fused projection
             q = q.contiguous()
         self.kernels.paged_decode_attention(out, q, key_cache, value_cache, meta.block_tables[:nd],
-                                            meta.seq_lens[:nd], scale, window, max(meta.seq_lens_host[:nd]))
+                                            meta.seq_lens[:nd], scale, window, max(meta.seq_lens_host[:nd]),
+                                            logits_soft_cap=soft_cap)

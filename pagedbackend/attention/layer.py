@@ -32,6 +32,18 @@ class PagedAttention(nn.Module):
         self.kv_cache = (key_cache, value_cache)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        return self.attend(q, k, v, meta, self.scale, self.sliding_window)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata, scale: float,
+               sliding_window: int | None, logits_soft_cap: float | None = None) -> torch.Tensor:
+        """Attention with the scale, window and soft-cap given per call (the transformers path
+        passes the model's own values for each layer)."""
         if self.backend is None or self.kv_cache is None:
             raise RuntimeError("PagedAttention used before the model runner bound its KV cache")
-        return self.backend.forward(q, k, v, self.kv_cache[0], self.kv_cache[1], meta, self.scale, self.sliding_window)
+        if logits_soft_cap is None:
+            return self.backend.forward(q, k, v, self.kv_cache[0], self.kv_cache[1], meta, scale, sliding_window)
+        if not self.backend.supports_logits_soft_cap:
+            raise RuntimeError(f"attention backend {self.backend.name!r} cannot soft-cap attention logits "
+                               f"(the model caps at {logits_soft_cap})")
+        return self.backend.forward(q, k, v, self.kv_cache[0], self.kv_cache[1], meta, scale, sliding_window,
+                                    logits_soft_cap=logits_soft_cap)

@@ -5,19 +5,55 @@ Decodes (one new token per sequence) are batched in chunks of similar length: on
 batched matmuls and a masked softmax, so all query heads sharing a KV head read its keys once
 (GQA without copies).
 Prefill chunks run one `scaled_dot_product_attention` per sequence, reading cached context
-only when the chunk has any.
+only when the chunk has any. With an attention-logit soft-cap (Gemma 2) the scores are made
+explicitly instead, as transformers' eager attention does: (q k^T * scale) / cap, tanh, * cap,
+then the mask and a float32 softmax.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from pagedbackend.attention.base import AttentionBackend
 from pagedbackend.attention.metadata import AttentionMetadata
 from pagedbackend.kernels.layout import slot_to_rows
+
+
+def _write_rows(slot_mapping: torch.Tensor, num_kv_heads: int, block_size: int) -> torch.Tensor:
+    """`slot_to_rows`, the same values; on the CPU computed by numpy over the same memory. Its
+    half-dozen torch ops on a few hundred indices cost 0.15-0.2 ms a step (each small torch op
+    pays the dispatcher, and after a forward pass the CPU caches are cold), numpy's ~0.03 ms."""
+    if slot_mapping.device.type != "cpu":
+        return slot_to_rows(slot_mapping, num_kv_heads, block_size)
+    slots = slot_mapping.numpy()
+    block = slots // block_size  # floor division, as slot_to_rows' torch.div(rounding_mode="floor")
+    offset = slots - block * block_size
+    heads = np.arange(num_kv_heads, dtype=slots.dtype)
+    rows = (block[:, None] * num_kv_heads + heads[None, :]) * block_size + offset[:, None]
+    return torch.from_numpy(rows.reshape(-1))
+
+
+_SCORES_BUDGET = 1 << 26  # elements of one soft-capped prefill's score tensor (256 MB in fp32)
+
+
+def _soft_capped_attention(qh: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float, cap: float,
+                           allowed: torch.Tensor) -> torch.Tensor:
+    """softmax(cap * tanh(q k^T * scale / cap), masked to `allowed`) v, in the operation order of
+    transformers' eager Gemma 2 attention. qh [H, q_len, D], keys/values [H, L, D], allowed [q_len, L].
+    Query rows go in slices, so the scores stay within _SCORES_BUDGET elements."""
+    num_heads, q_len, _ = qh.shape
+    rows = max(1, _SCORES_BUDGET // (num_heads * keys.shape[1]))
+    outs = []
+    for start in range(0, q_len, rows):
+        scores = torch.matmul(qh[:, start:start + rows], keys.transpose(1, 2)).mul_(scale)
+        scores = scores.div_(cap).tanh_().mul_(cap).masked_fill_(~allowed[start:start + rows], float("-inf"))
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
+        outs.append(torch.matmul(probs, values))
+    return outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
 
 
 @dataclass
@@ -57,7 +93,7 @@ class TorchAttentionState:
 
 class TorchAttentionBackend(AttentionBackend):
     """Declared: any device torch runs on, fp32/fp16/bf16, every head and block size, sliding
-    windows; no soft-capping."""
+    windows, attention-logit soft-capping."""
 
     name = "torch"
     device_types = ("cpu", "cuda")
@@ -65,7 +101,7 @@ class TorchAttentionBackend(AttentionBackend):
     min_head_size, max_head_size = 1, None
     block_sizes = None
     supports_sliding_window = True
-    supports_logits_soft_cap = False
+    supports_logits_soft_cap = True
     # Gathered K (and V) bytes per decode chunk: small enough to still be in L2/L3 when the
     # matmul reads it back. Measured on the 2-core dev box (64 seqs, 64-384 tokens): chunks
     # of ~8 sequences ran decode attention in 5.5 ms/layer against 8.8 ms for one big gather.
@@ -80,7 +116,7 @@ class TorchAttentionBackend(AttentionBackend):
     def prepare(self, meta: AttentionMetadata, key_cache: torch.Tensor) -> None:
         """Expects decodes first and sorted by sequence length (the model runner's order)."""
         _, num_kv_heads, block_size, head_dim = key_cache.shape
-        meta.backend_state = TorchAttentionState(slot_to_rows(meta.slot_mapping, num_kv_heads, block_size),
+        meta.backend_state = TorchAttentionState(_write_rows(meta.slot_mapping, num_kv_heads, block_size),
                                                  self._decode_chunks(meta, key_cache))
 
     def _decode_chunks(self, meta: AttentionMetadata, key_cache: torch.Tensor) -> list[_DecodeChunk]:
@@ -115,7 +151,9 @@ class TorchAttentionBackend(AttentionBackend):
 
     # ------------------------------------------------------------------ per layer
     def forward(self, q, k, v, key_cache, value_cache, meta: AttentionMetadata, scale: float,
-                sliding_window: int | None) -> torch.Tensor:
+                sliding_window: int | None, logits_soft_cap: float | None = None) -> torch.Tensor:
+        if logits_soft_cap is not None and not logits_soft_cap > 0:
+            raise ValueError(f"logits_soft_cap must be positive (or None for no cap), got {logits_soft_cap}")
         num_blocks, num_kv_heads, block_size, head_dim = key_cache.shape
         rows = self.state_of(meta, TorchAttentionState).write_rows
         key_cache.view(-1, head_dim).index_copy_(0, rows, k.reshape(-1, head_dim))
@@ -124,20 +162,21 @@ class TorchAttentionBackend(AttentionBackend):
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if meta.num_decodes:
             nd = meta.num_decodes
-            self._decode_batch(out[:nd], q[:nd], key_cache, value_cache, meta, scale, sliding_window)
+            self._decode_batch(out[:nd], q[:nd], key_cache, value_cache, meta, scale, sliding_window,
+                               logits_soft_cap)
         for i in range(meta.num_decodes, meta.num_seqs):
             start, end = meta.query_start_loc_host[i], meta.query_start_loc_host[i + 1]
             out[start:end] = self._prefill(i, q[start:end], k[start:end], v[start:end], key_cache,
-                                           value_cache, meta, scale, sliding_window)
+                                           value_cache, meta, scale, sliding_window, logits_soft_cap)
         return out
 
-    def _decode_batch(self, out, q, key_cache, value_cache, meta, scale, window) -> None:
+    def _decode_batch(self, out, q, key_cache, value_cache, meta, scale, window, soft_cap=None) -> None:
         """Attention of the decode rows (first in the batch) into `out`."""
         for chunk in self.state_of(meta, TorchAttentionState).decode_chunks:
             out[chunk.start:chunk.end] = self._decode(q[chunk.start:chunk.end], key_cache, value_cache, chunk,
-                                                      scale, window)
+                                                      scale, window, soft_cap)
 
-    def _decode(self, q, key_cache, value_cache, chunk: _DecodeChunk, scale, window) -> torch.Tensor:
+    def _decode(self, q, key_cache, value_cache, chunk: _DecodeChunk, scale, window, soft_cap=None) -> torch.Tensor:
         nd, num_heads, head_dim = q.shape
         _, num_kv_heads, block_size, _ = key_cache.shape
         group = num_heads // num_kv_heads
@@ -151,12 +190,16 @@ class TorchAttentionBackend(AttentionBackend):
         keys = keys.view(num_kv_heads * nd, length, head_dim)
         values = values.view(num_kv_heads * nd, length, head_dim)
         qh = q.view(nd, num_kv_heads, group, head_dim).transpose(0, 1).reshape(num_kv_heads * nd, group, head_dim)
-        scores = torch.baddbmm(chunk.bias(window, num_kv_heads, q.dtype), qh, keys.transpose(1, 2), alpha=scale)
+        bias = chunk.bias(window, num_kv_heads, q.dtype)
+        if soft_cap is None:
+            scores = torch.baddbmm(bias, qh, keys.transpose(1, 2), alpha=scale)
+        else:  # capped before the mask is added: tanh would turn its -inf into a visible -cap
+            scores = torch.bmm(qh, keys.transpose(1, 2)).mul_(scale).div_(soft_cap).tanh_().mul_(soft_cap).add_(bias)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(values.dtype)
         o = torch.bmm(probs, values)
         return o.view(num_kv_heads, nd, group, head_dim).transpose(0, 1).reshape(nd, num_heads, head_dim)
 
-    def _prefill(self, i, q, k, v, key_cache, value_cache, meta, scale, window) -> torch.Tensor:
+    def _prefill(self, i, q, k, v, key_cache, value_cache, meta, scale, window, soft_cap=None) -> torch.Tensor:
         q_len, num_heads, head_dim = q.shape
         _, num_kv_heads, block_size, _ = key_cache.shape
         seq_len = meta.seq_lens_host[i]
@@ -177,7 +220,7 @@ class TorchAttentionBackend(AttentionBackend):
             keys = keys.repeat_interleave(group, dim=0)
             values = values.repeat_interleave(group, dim=0)
         qh = q.transpose(0, 1)  # [H, q_len, D]
-        if ctx_len == 0 and (window is None or window >= seq_len):
+        if soft_cap is None and ctx_len == 0 and (window is None or window >= seq_len):
             o = F.scaled_dot_product_attention(qh, keys, values, is_causal=True, scale=scale)
         else:
             qpos = torch.arange(ctx_len, seq_len, device=q.device)[:, None]
@@ -185,7 +228,10 @@ class TorchAttentionBackend(AttentionBackend):
             allowed = kpos <= qpos
             if window is not None:
                 allowed &= kpos > qpos - window
-            o = F.scaled_dot_product_attention(qh, keys, values, attn_mask=allowed, scale=scale)
+            if soft_cap is None:
+                o = F.scaled_dot_product_attention(qh, keys, values, attn_mask=allowed, scale=scale)
+            else:
+                o = _soft_capped_attention(qh, keys, values, scale, soft_cap, allowed)
         return o.transpose(0, 1)
 
     def copy_blocks(self, kv_cache, pairs) -> None:

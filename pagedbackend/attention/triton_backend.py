@@ -30,7 +30,7 @@ class TritonAttentionBackend(AttentionBackend):
     """Declared: CUDA (and the CPU under TRITON_INTERPRET=1, for tests), fp32/fp16/bf16, head
     sizes 16 to 256 (tiles are padded to a power of two, at least the 16 a tensor-core dot needs;
     kernels/compile_check.py fits every size up to 256 in shared memory), block sizes from 16,
-    sliding windows; no soft-capping. Needs the triton package."""
+    sliding windows, attention-logit soft-capping. Needs the triton package."""
 
     name = "triton"
     device_types = ("cuda", "cpu")
@@ -39,7 +39,7 @@ class TritonAttentionBackend(AttentionBackend):
     block_sizes = (16, 32, 64, 128)
     block_size_note = "at least 16: tensor-core dots need 16 rows"
     supports_sliding_window = True
-    supports_logits_soft_cap = False
+    supports_logits_soft_cap = True
 
     def __init__(self, force_num_splits: int | None = None) -> None:
         # The kernels import triton, an optional dependency: loaded when a backend is made,
@@ -70,7 +70,7 @@ class TritonAttentionBackend(AttentionBackend):
         meta.backend_state = TritonAttentionState(splits)
 
     def forward(self, q, k, v, key_cache, value_cache, meta: AttentionMetadata, scale: float,
-                sliding_window: int | None) -> torch.Tensor:
+                sliding_window: int | None, logits_soft_cap: float | None = None) -> torch.Tensor:
         # The kernels read each head's vector with unit stride.
         q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
         kernels = self._kernels
@@ -79,7 +79,8 @@ class TritonAttentionBackend(AttentionBackend):
         out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if state.num_splits > 1:
             kernels.split_kv_decode_attention(out, q, key_cache, value_cache, meta.block_tables, meta.seq_lens,
-                                              meta.max_seq_len, scale, state.num_splits, sliding_window)
+                                              meta.max_seq_len, scale, state.num_splits, sliding_window,
+                                              logits_soft_cap)
             return out
         group = q.shape[1] // key_cache.shape[1]
         key = (group, q.shape[2])
@@ -89,7 +90,7 @@ class TritonAttentionBackend(AttentionBackend):
             programs[key] = kernels.program_map(meta.query_start_loc_host, block_q, q.device)
         kernels.unified_attention(out, q, key_cache, value_cache, meta.block_tables, meta.seq_lens,
                                   meta.query_start_loc, meta.query_start_loc_host, meta.max_query_len, scale,
-                                  sliding_window, programs[key])
+                                  sliding_window, programs[key], logits_soft_cap)
         return out
 
     def copy_blocks(self, kv_cache: torch.Tensor, pairs: list[tuple[int, int]]) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from pagedbackend.distributed import divide, kv_head_split
 from pagedbackend.models.hf_config import HFConfig
 from pagedbackend.models.registry import resolve_architecture
 
@@ -77,6 +78,18 @@ class ModelConfig:
     @property
     def num_kv_heads(self) -> int:
         return self.hf.get("num_key_value_heads", self.num_heads)
+
+    def heads_per_rank(self, tp: int) -> tuple[int, int]:
+        """(attention heads, KV heads) each of `tp` ranks computes; a ValueError naming the
+        numbers when the model cannot be split that way."""
+        if tp == 1:
+            return self.num_heads, self.num_kv_heads
+        heads = divide(self.num_heads, tp, "num_attention_heads")
+        kv_heads, _ = kv_head_split(self.num_kv_heads, tp)
+        hf = self.hf
+        inter = hf.get("intermediate_size") or hf.get("n_inner") or 4 * hf.hidden_size
+        divide(inter, tp, "intermediate_size")
+        return heads, kv_heads
 
     @property
     def head_dim(self) -> int:

@@ -78,7 +78,7 @@ class GPT2LMHeadModel(CausalLM):
             raise ValueError("model: GPT-2 with cross-attention (encoder-decoder use) is not supported")
         hidden = hf.hidden_size
         self.wte = VocabEmbedding(mc.vocab_size, hidden)
-        self.wpe = VocabEmbedding(mc.max_position_embeddings or 1024, hidden)
+        self.wpe = VocabEmbedding(mc.max_position_embeddings or 1024, hidden, parallel=False)
         self.h = nn.ModuleList(GPT2Block(mc, i) for i in range(mc.num_layers))
         self.ln_f = LayerNorm(hidden, eps=hf.get("layer_norm_epsilon", 1e-5))
         self.tied_embeddings = bool(hf.get("tie_word_embeddings", True))

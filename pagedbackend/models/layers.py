@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pagedbackend.distributed import divide, get_tp_rank, get_tp_size, tp_all_reduce
+from pagedbackend.distributed import (divide, get_tp_rank, get_tp_size, padded_vocab_size, tp_all_gather,
+                                      tp_all_reduce)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -45,14 +46,17 @@ class ColumnParallelLinear(nn.Module):
     """y = x W^T + b with W's rows (output features) split across ranks.
 
     `output_sizes` lists the logical projections fused in this layer (e.g. q, k, v); each is
-    split across ranks separately, so `load(tensor, shard=i)` fills projection i.
+    split across ranks separately, so `load(tensor, shard=i)` fills projection i. `replicas`
+    (per projection) > 1 means more ranks than heads: groups of that many ranks hold the same
+    slice (KV heads when tensor_parallel_size > num_key_value_heads).
     """
 
-    def __init__(self, input_size: int, output_sizes: list[int], bias: bool):
+    def __init__(self, input_size: int, output_sizes: list[int], bias: bool, replicas: list[int] | None = None):
         super().__init__()
         tp = get_tp_size()
         self.input_size = input_size
-        self.output_sizes = [divide(s, tp, "output size") for s in output_sizes]
+        self.replicas = replicas or [1] * len(output_sizes)
+        self.output_sizes = [divide(s * r, tp, "output size") for s, r in zip(output_sizes, self.replicas)]
         self.offsets = [sum(self.output_sizes[:i]) for i in range(len(self.output_sizes))]
         out = sum(self.output_sizes)
         self.weight = nn.Parameter(torch.empty(out, input_size), requires_grad=False)
@@ -63,7 +67,8 @@ class ColumnParallelLinear(nn.Module):
 
     def load(self, loaded: torch.Tensor, shard: int = 0, is_bias: bool = False, name: str = "") -> None:
         size, offset = self.output_sizes[shard], self.offsets[shard]
-        part = loaded.narrow(0, get_tp_rank() * size, size) if get_tp_size() > 1 else loaded
+        start = (get_tp_rank() // self.replicas[shard]) * size
+        part = loaded.narrow(0, start, size) if get_tp_size() > 1 else loaded
         target = self.bias if is_bias else self.weight
         assert target is not None, f"{name}: layer has no bias"
         _copy(target.narrow(0, offset, size), part, name)
@@ -93,36 +98,73 @@ class RowParallelLinear(nn.Module):
         _copy(self.weight, loaded, name)
 
 
-class VocabEmbedding(nn.Module):
-    """Token embedding; the vocabulary is the dimension a tensor-parallel run would split."""
+class _VocabSlice:
+    """Which rows of the (padded) vocabulary this rank holds: all of them with one rank."""
 
-    def __init__(self, vocab_size: int, hidden_size: int):
+    def __init__(self, vocab_size: int, parallel: bool):
+        tp = get_tp_size() if parallel else 1
+        self.vocab_size = vocab_size
+        self.parallel = tp > 1
+        self.rows = padded_vocab_size(vocab_size, tp) // tp
+        self.start = get_tp_rank() * self.rows if self.parallel else 0
+
+    def load(self, weight: torch.Tensor, loaded: torch.Tensor, name: str) -> None:
+        if not self.parallel:
+            _copy(weight, loaded, name)
+            return
+        if loaded.shape[0] != self.vocab_size:
+            raise ValueError(f"weight {name}: checkpoint has {loaded.shape[0]} rows, the model's vocab_size is "
+                             f"{self.vocab_size} (is config.json right for these weights?)")
+        part = loaded[self.start:self.start + self.rows]
+        weight.data.zero_()  # the padding rows (past the vocabulary) stay zero
+        _copy(weight[:part.shape[0]], part, name)
+
+
+class VocabEmbedding(nn.Module):
+    """Token embedding, vocab-parallel: each rank holds a slice of the (padded) vocabulary's
+    rows; ids outside it look up zeros, and the all-reduce sums the one rank that had each id.
+    `parallel=False` keeps a full copy on every rank (GPT-2's position embedding)."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, parallel: bool = True):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+        self.slice = _VocabSlice(vocab_size, parallel)
+        self.weight = nn.Parameter(torch.empty(self.slice.rows, hidden_size), requires_grad=False)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.weight)
+        if not self.slice.parallel:
+            return F.embedding(ids, self.weight)
+        local = ids - self.slice.start
+        outside = (local < 0) | (local >= self.slice.rows)
+        out = F.embedding(local.masked_fill(outside, 0), self.weight)
+        out.masked_fill_(outside.unsqueeze(-1), 0.0)
+        return tp_all_reduce(out)
 
     def load(self, loaded: torch.Tensor, shard: int = 0, is_bias: bool = False, name: str = "") -> None:
-        _copy(self.weight, loaded, name)
+        self.slice.load(self.weight, loaded, name)
 
 
 class LMHead(nn.Module):
-    """Projection to vocabulary logits, tied to the embedding when the checkpoint says so."""
+    """Projection to vocabulary logits, tied to the embedding when the checkpoint says so.
+    Vocab-parallel like the embedding: each rank computes its slice of the logits, and every
+    rank gathers the whole row (so sampling is the same computation on every rank)."""
 
     def __init__(self, vocab_size: int, hidden_size: int, tied_to: VocabEmbedding | None = None):
         super().__init__()
+        self.slice = _VocabSlice(vocab_size, parallel=True)
         if tied_to is not None:
             self.weight = tied_to.weight
         else:
-            self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size), requires_grad=False)
+            self.weight = nn.Parameter(torch.empty(self.slice.rows, hidden_size), requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         # Contiguous rows: the sampler reduces over the vocabulary, which is slow on a transposed view.
-        return linear(hidden, self.weight).contiguous()
+        logits = linear(hidden, self.weight)
+        if not self.slice.parallel:
+            return logits.contiguous()
+        return tp_all_gather(logits)[:, :self.slice.vocab_size].contiguous()
 
     def load(self, loaded: torch.Tensor, shard: int = 0, is_bias: bool = False, name: str = "") -> None:
-        _copy(self.weight, loaded, name)
+        self.slice.load(self.weight, loaded, name)
 
 
 class RMSNorm(nn.Module):

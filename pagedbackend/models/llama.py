@@ -1,6 +1,7 @@
-"""Llama and the families built like it: Mistral (sliding window) and Qwen2 (q/k/v bias,
-often tied embeddings). One module, switched by config fields, as the architectures differ
-only in those details."""
+"""Llama and the families built like it: Mistral (sliding window), Qwen2 (q/k/v bias, often
+tied embeddings) and Qwen3 (per-head RMSNorm of q and k before RoPE, no bias, optional sliding
+window per layer). One module, switched by config fields, as the architectures differ only in
+those details."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from torch import nn
 from pagedbackend.attention.layer import PagedAttention
 from pagedbackend.attention.metadata import AttentionMetadata
 from pagedbackend.models.config import ModelConfig
-from pagedbackend.distributed import divide, get_tp_size
+from pagedbackend.distributed import divide, get_tp_size, kv_head_split
 from pagedbackend.models.base import CausalLM
 from pagedbackend.models.layers import (ACTIVATIONS, ColumnParallelLinear, LMHead, RMSNorm,
                                         RowParallelLinear, VocabEmbedding)
@@ -44,14 +45,20 @@ class LlamaAttention(nn.Module):
         hf = mc.hf
         tp = get_tp_size()
         self.num_heads = divide(mc.num_heads, tp, "num_attention_heads")
-        self.num_kv_heads = max(1, mc.num_kv_heads // tp)
+        self.num_kv_heads, kv_replicas = kv_head_split(mc.num_kv_heads, tp)
         self.head_dim = mc.head_dim
-        qwen2 = hf.get("model_type") == "qwen2"
+        model_type = hf.get("model_type")
+        qwen2 = model_type == "qwen2"
         qkv_bias = bool(hf.get("attention_bias", False)) or qwen2
         o_bias = bool(hf.get("attention_bias", False)) and not qwen2
+        # Qwen3: each head's q and k are RMS-normalised (over head_dim) before RoPE.
+        qk_norm = model_type == "qwen3"
+        eps = hf.get("rms_norm_eps", 1e-6)
+        self.q_norm = RMSNorm(mc.head_dim, eps) if qk_norm else None
+        self.k_norm = RMSNorm(mc.head_dim, eps) if qk_norm else None
         self.qkv_proj = ColumnParallelLinear(
             hf.hidden_size, [mc.num_heads * self.head_dim, mc.num_kv_heads * self.head_dim,
-                             mc.num_kv_heads * self.head_dim], bias=qkv_bias)
+                             mc.num_kv_heads * self.head_dim], bias=qkv_bias, replicas=[1, kv_replicas, kv_replicas])
         self.o_proj = RowParallelLinear(mc.num_heads * self.head_dim, hf.hidden_size, bias=o_bias)
         self.rotary = rotary
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, self.head_dim,
@@ -63,7 +70,13 @@ class LlamaAttention(nn.Module):
         t = x.shape[0]
         qkv = self.qkv_proj(x)
         q_size, kv_size = self._split[0], self._split[1]
-        qk = self.rotary.apply(qkv[:, :q_size + kv_size].view(t, self.num_heads + self.num_kv_heads, self.head_dim), *rope)
+        if self.q_norm is None:
+            qk = qkv[:, :q_size + kv_size].view(t, self.num_heads + self.num_kv_heads, self.head_dim)
+        else:
+            qk = torch.cat([self.q_norm(qkv[:, :q_size].view(t, self.num_heads, self.head_dim)),
+                            self.k_norm(qkv[:, q_size:q_size + kv_size].view(t, self.num_kv_heads, self.head_dim))],
+                           dim=1)
+        qk = self.rotary.apply(qk, *rope)
         q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         v = qkv[:, q_size + kv_size:].view(t, self.num_kv_heads, self.head_dim)
         o = self.attn(q, k, v, meta)

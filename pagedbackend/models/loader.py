@@ -29,6 +29,7 @@ class LoadSpec(Protocol):
     load_format: str
     device: str
     dtype: torch.dtype
+    model_impl: str  # resolved: "native" or "transformers"
 
 
 def find_weight_files(path: Path, load_format: str = "auto") -> tuple[str, list[Path]]:
@@ -86,11 +87,16 @@ def _default_dtype(dtype: torch.dtype):
         torch.set_default_dtype(old)
 
 
-def load_model(config: LoadSpec, progress: bool = True) -> CausalLM:
+def load_model(config: LoadSpec, progress: bool = True, device: str | None = None) -> CausalLM:
     mc = config.model_config
+    device = device or config.device
+    if config.model_impl == "transformers":
+        from pagedbackend.models.transformers_impl import TransformersCausalLM
+
+        return TransformersCausalLM(mc, config.dtype, device, config.load_format).eval()
     kind, files = find_weight_files(mc.path, config.load_format)
     cls = get_model_class(mc.architecture)
-    with torch.device(config.device), _default_dtype(config.dtype):
+    with torch.device(device), _default_dtype(config.dtype):
         model = cls(mc)
     model.load_weights(iterate_weights(kind, files, progress))
     return model.eval()

@@ -16,23 +16,32 @@ _REGISTRY = {
     "LlamaForCausalLM": ("pagedbackend.models.llama", "LlamaForCausalLM"),
     "MistralForCausalLM": ("pagedbackend.models.llama", "LlamaForCausalLM"),
     "Qwen2ForCausalLM": ("pagedbackend.models.llama", "LlamaForCausalLM"),
+    "Qwen3ForCausalLM": ("pagedbackend.models.llama", "LlamaForCausalLM"),
     "GPT2LMHeadModel": ("pagedbackend.models.gpt2", "GPT2LMHeadModel"),
 }
 _BY_MODEL_TYPE = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-                  "qwen2": "Qwen2ForCausalLM", "gpt2": "GPT2LMHeadModel"}
+                  "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM", "gpt2": "GPT2LMHeadModel"}
 
 SUPPORTED_ARCHITECTURES = tuple(_REGISTRY)
 
 
 def resolve_architecture(hf: HFConfig) -> str:
+    """The config's architecture: the first one with a native implementation, else the first
+    named (the transformers path may serve it)."""
     names = hf.get("architectures") or []
     for name in names:
         if name in _REGISTRY:
             return name
     if not names and hf.get("model_type") in _BY_MODEL_TYPE:
         return _BY_MODEL_TYPE[hf.get("model_type")]
-    found = ", ".join(names) or f"model_type={hf.get('model_type')!r}"
-    raise ValueError(f"model: architecture {found} is not supported; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    if names:
+        return names[0]
+    raise ValueError(f"model: config.json names no architectures (model_type={hf.get('model_type')!r}); "
+                     f"natively supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+
+
+def has_native(architecture: str) -> bool:
+    return architecture in _REGISTRY
 
 
 def get_model_class(architecture: str):
@@ -40,4 +49,4 @@ def get_model_class(architecture: str):
     return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["SUPPORTED_ARCHITECTURES", "get_model_class", "resolve_architecture"]
+__all__ = ["SUPPORTED_ARCHITECTURES", "get_model_class", "has_native", "resolve_architecture"]
