@@ -24,7 +24,6 @@ import sys
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -331,7 +330,7 @@ class EngineArgs:
             world = os.environ.get("WORLD_SIZE")
             if not launched_by_torchrun():
                 raise ValueError("distributed_executor_backend='external_launcher' needs the ranks started by torchrun "
-                                 f"(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); missing: "
+                                 "(RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT); missing: "
                                  + ", ".join(k for k in TORCHRUN_ENV if k not in os.environ))
             if int(world) != tp:
                 raise ValueError(f"tensor_parallel_size={tp} but torchrun started WORLD_SIZE={world} ranks")

@@ -18,7 +18,7 @@ import torch
 from pagedbackend.attention import get_attention_backend
 from pagedbackend.attention.metadata import AttentionMetadata
 from pagedbackend.config import EngineConfig
-from pagedbackend.distributed import get_tp_rank, rank_device, ranks_agree, tp_min
+from pagedbackend.distributed import rank_device, ranks_agree, tp_min
 from pagedbackend.input_batch import InputBatch, StepInputs
 from pagedbackend.models.loader import load_model
 from pagedbackend.sampler import Sampler, SamplingBatch, gather_logprobs
@@ -31,7 +31,6 @@ class ModelRunner:
     def __init__(self, config: EngineConfig, progress: bool = True) -> None:
         self.config = config
         self.device = torch.device(rank_device(config.device))
-        self.rank = get_tp_rank()
         self.block_size = config.block_size
         self.model = load_model(config, progress, str(self.device))
         self.vocab_size = config.model_config.vocab_size

@@ -19,6 +19,7 @@ import pytest
 from conftest import PARITY_MODELS
 from helpers import hf_greedy, random_prompts
 from pagedbackend import BeamSearchParams, EngineArgs, SamplingParams
+from pagedbackend.adapters.ports import free_port
 
 pytestmark = pytest.mark.slow
 MAX_NEW = 12
@@ -309,7 +310,7 @@ def test_torchrun_every_rank_runs_the_engine_and_returns_the_same_outputs(model_
     app.write_text(TORCHRUN_APP)
     prompts = random_prompts([3, 30, 90, 140], 1024, seed=26)
     out = tmp_path / "out"
-    done = _torchrun(["--nproc-per-node", "2", "--master-port", str(_free_port()), str(app), str(path), str(out),
+    done = _torchrun(["--nproc-per-node", "2", "--master-port", str(free_port()), str(app), str(path), str(out),
                       json.dumps(prompts)])
     assert done.returncode == 0, done.stderr[-4000:]
     _check_ranks(out, path, prompts)
@@ -323,7 +324,7 @@ def test_torchrun_two_nodes_over_c10d_rendezvous(model_dir, tmp_path):
     app.write_text(TORCHRUN_APP)
     prompts = random_prompts([4, 50, 100], 1024, seed=27)
     out = tmp_path / "out"
-    port = _free_port()
+    port = free_port()
     common = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-id", "tp-test",
               "--rdzv-endpoint", f"127.0.0.1:{port}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -340,13 +341,6 @@ def test_torchrun_two_nodes_over_c10d_rendezvous(model_dir, tmp_path):
     assert [p.returncode for p in nodes] == [0, 0], [err[-3000:] for _, err in logs]
     _check_ranks(out, path, prompts)
 
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 LEADER_APP = """
