@@ -17,8 +17,8 @@ does:
   `early_stopping` False / True / "never" meaning what it means there).
 
 Scores are accumulated in float32, as transformers does, so ties and near-ties break the same
-way. The scheduler applies the decision (fork, extend, drop beams); nothing here touches
-blocks or tensors.
+way. The group is a `RequestGroup`: it returns its decision as `Fork`, `Drop`, `Append` and
+`Done` items, which the scheduler applies; nothing here touches blocks or tensors.
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ from typing import Union
 import numpy as np
 
 from pagedbackend.errors import InvalidRequest
+from pagedbackend.request_group import Append, Decision, Done, Drop, Fork, RequestGroup
 from pagedbackend.sequence import Sequence
+from pagedbackend.step import BeamHypothesis, RequestDone, RunnerOutput
 
 _MASK = np.float32(-1.0e9)  # transformers' "never pick this" offset
 
@@ -88,8 +90,8 @@ class Hypothesis:
     finish_reason: str  # "stop" (EOS) or "length"
 
 
-@dataclass
-class BeamSearchGroup:
+@dataclass(eq=False)
+class BeamSearchGroup(RequestGroup):
     params: BeamSearchParams
     prompt_len: int
     eos_token_ids: frozenset[int]
@@ -102,6 +104,8 @@ class BeamSearchGroup:
     num_steps: int = 0
     _improvable: bool = True  # transformers' is_early_stop_heuristic_unsatisfied
 
+    swappable = False  # a parked beam's report must stay valid until its group advances
+
     @property
     def width(self) -> int:
         return self.params.beam_width
@@ -111,12 +115,58 @@ class BeamSearchGroup:
         n_eos = 0 if self.params.ignore_eos else len(self.eos_token_ids)
         return max(2, 1 + n_eos) * self.width
 
+    @property
+    def beam_k(self) -> int:
+        return self.candidates_per_beam
+
+    # ------------------------------------------------------- RequestGroup
+    def seqs_at_admission(self, seq: Sequence) -> int:
+        return self.width if self.num_steps == 0 else 1
+
+    def is_parked(self, seq: Sequence) -> bool:
+        return seq.seq_id in self.reports
+
+    def on_sampled(self, seq: Sequence, row: int, result: RunnerOutput) -> list[Decision]:
+        self.report(seq, *result.beam_candidates[row])
+        return self.decide() if self.ready else []
+
+    def decide(self) -> list[Decision]:
+        """One beam-search step as decisions: a parent kept once continues itself; kept again,
+        it branches (sharing every block; the shared partial block is copied on first write);
+        beams not kept are dropped. When the search is over every beam is dropped."""
+        next_beams = self.advance()
+        old = self.running
+        taken: set[int] = set()
+        decisions: list[Decision] = []
+        beams: list[tuple[Sequence, int, float]] = []
+        for parent, token, score in next_beams:
+            if parent.seq_id in taken:
+                child = parent.branch()
+                decisions.append(Fork(parent, child))
+                beams.append((child, token, score))
+            else:
+                taken.add(parent.seq_id)
+                beams.append((parent, token, score))
+        dropped = [s for s in old if s.seq_id not in taken]
+        decisions += (Drop(s) for s in dropped)
+        decisions += (Append(s, token, score) for s, token, score in beams)
+        if self.done:
+            self.running = dropped  # the last beams, now finished
+            decisions.append(Done(RequestDone(old[0].request_id, "stop", beams=self.hypotheses())))
+        else:
+            self.set_running([(s, score) for s, _, score in beams])
+        return decisions
+
+    def hypotheses(self) -> list[BeamHypothesis]:
+        """The finished hypotheses so far, best first, as the frontend receives them."""
+        return [BeamHypothesis(list(h.token_ids), h.cumulative_logprob, h.finish_reason) for h in self.finished]
+
     def start(self, seq: Sequence) -> None:
         """The prompt is the single beam of the first step (transformers' other initial beams
         score -1e9, so none of their continuations is ever kept)."""
         self.running = [seq]
         self.scores = {seq.seq_id: np.float32(0.0)}
-        seq.beam_group = self
+        seq.group = self
 
     def report(self, seq: Sequence, logprobs: list[float], token_ids: list[int]) -> None:
         self.reports[seq.seq_id] = (logprobs, token_ids)
@@ -175,6 +225,3 @@ class BeamSearchGroup:
     def set_running(self, beams: list[tuple[Sequence, float]]) -> None:
         self.running = [seq for seq, _ in beams]
         self.scores = {seq.seq_id: np.float32(score) for seq, score in beams}
-
-    def best(self) -> list[Hypothesis]:
-        return list(self.finished)

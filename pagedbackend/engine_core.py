@@ -17,7 +17,7 @@ from pagedbackend.executor.base import ExecutorDied
 from pagedbackend.beam_search import BeamSearchGroup, BeamSearchParams
 from pagedbackend.kv_cache_manager import KVCacheManager
 from pagedbackend.sampling_params import SamplingParams
-from pagedbackend.scheduler import CoreOutput, Scheduler, beam_hypotheses
+from pagedbackend.scheduler import CoreOutput, Scheduler
 from pagedbackend.sequence import Sequence, SequenceStatus
 from pagedbackend.step import RequestDone
 
@@ -76,7 +76,7 @@ class EngineCore:
         group = self.scheduler.beam_group(request_id)
         if not self.scheduler.finish_request(request_id, SequenceStatus.FINISHED_ABORTED):
             return False
-        self._pending.append(RequestDone(request_id, "abort", beams=beam_hypotheses(group) if group else None))
+        self._pending.append(RequestDone(request_id, "abort", beams=group.hypotheses() if group else None))
         return True
 
     def abort_seqs(self, seq_ids: list[int]) -> None:
@@ -101,9 +101,9 @@ class EngineCore:
             "num_running_requests": len(running),
             "num_waiting_requests": len(sched.requests) - len(running),
             "num_running": len(sched.running),  # sequences
-            "num_waiting": len(sched.waiting),
+            "num_waiting": len(sched.waiting) - sched.num_swapped,
             "num_preemptions": sched.stats.num_preemptions,
-            "num_swapped": len(sched.swapped),
+            "num_swapped": sched.num_swapped,
             "num_swapped_out": sched.stats.num_swapped_out,
             "num_swapped_in": sched.stats.num_swapped_in,
             "num_free_host_blocks": kv.num_free_host_blocks,

@@ -233,6 +233,11 @@ class KVCacheManager:
     def num_free_host_blocks(self) -> int:
         return len(self._host_free)
 
+    @property
+    def num_swapped_seqs(self) -> int:
+        """Sequences whose KV lives in the host pool now."""
+        return len(self._host_blocks)
+
     def can_swap_out(self, seq: Sequence) -> bool:
         return 0 < len(self._blocks.get(seq.seq_id, ())) <= len(self._host_free)
 

@@ -1,11 +1,15 @@
 """Iteration-level continuous batching. The scheduler decides which sequences compute how many
 tokens in the next step; it never touches tensors, the model, or a framework.
 
-Every step: running sequences first (a decode is one token; an unfinished prompt continues as
-a chunk), preempting the lowest-priority running sequence when blocks run out (the newest one
-under the `fcfs` policy); then, if nothing had to be preempted, swapped-out sequences are
-brought back, and then waiting sequences are admitted, each starting after its longest
-prefix-cache hit, while the token budget and `max_num_seqs` allow.
+One rule: each sequence's `num_computed_tokens` catches up to its tokens, under the step's token
+budget. Running sequences go first (a decode is one token; an unfinished prompt continues as a
+chunk), preempting the lowest-priority running sequence when blocks run out (the newest one
+under the `fcfs` policy); then, if no running sequence had to be preempted, waiting ones are
+admitted in order while the budget and `max_num_seqs` allow: a new or recompute-preempted one
+after its longest prefix-cache hit, a swapped-out one by copying its KV back from the host pool.
+
+Requests of several sequences (`n > 1`, beam search) carry a `RequestGroup`; the scheduler asks
+it a few questions and applies the decisions it returns (fork, sample, append, drop, done).
 
 Policies (vLLM's): `fcfs` serves in arrival order; `priority` serves the lowest `priority`
 value first (arrival breaks ties), and a waiting request that does not fit preempts running
@@ -23,9 +27,10 @@ from operator import attrgetter
 from pagedbackend.beam_search import BeamSearchGroup
 from pagedbackend.errors import InvalidRequest
 from pagedbackend.kv_cache_manager import KVCacheManager
+from pagedbackend.request_group import Append, Decision, Done, Drop, Fork, ParallelSamples, Sample
 from pagedbackend.sequence import Sequence, SequenceStatus
-from pagedbackend.step import (BeamHypothesis, ForkSeq, NewSeq, RequestDone, RunnerOutput, ScheduledSeq,
-                               SchedulerOutput, SeqOutput, TokenLogprobs)
+from pagedbackend.step import (NewSeq, RequestDone, RunnerOutput, ScheduledSeq, SchedulerOutput, SeqOutput,
+                               TokenLogprobs)
 
 SCHEDULING_POLICIES = ("fcfs", "priority")
 PREEMPTION_MODES = ("recompute", "swap")
@@ -37,8 +42,8 @@ _sample = attrgetter("sample")
 
 
 def _parked(seq: Sequence) -> bool:
-    """A beam that has reported its candidates: nothing to compute until its group advances."""
-    return seq.beam_group is not None and seq.seq_id in seq.beam_group.reports
+    """Nothing to compute until its group moves on (a beam that has reported its candidates)."""
+    return seq.group is not None and seq.group.is_parked(seq)
 
 
 @dataclass
@@ -76,8 +81,8 @@ class Scheduler:
         self.enable_chunked_prefill = enable_chunked_prefill
         self.policy = policy
         self.preemption_mode = preemption_mode
+        # New, preempted and swapped-out sequences, in serving order (preempted ones first).
         self.waiting: deque[Sequence] = deque()
-        self.swapped: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.requests: dict[str, list[Sequence]] = {}
         self.stats = SchedulerStats()
@@ -96,9 +101,10 @@ class Scheduler:
             raise InvalidRequest("request_id", f"request_id {first.request_id!r} is already in use")
         if len(seqs) > self.max_num_seqs:
             raise InvalidRequest("n", f"n={len(seqs)} exceeds max_num_seqs={self.max_num_seqs}")
-        if first.beam_group is not None and first.beam_group.width > self.max_num_seqs:
-            raise InvalidRequest("beam_width", f"beam_width={first.beam_group.width} exceeds max_num_seqs={self.max_num_seqs}")
-        first.fork_children = tuple(children)
+        if isinstance(first.group, BeamSearchGroup) and first.group.width > self.max_num_seqs:
+            raise InvalidRequest("beam_width", f"beam_width={first.group.width} exceeds max_num_seqs={self.max_num_seqs}")
+        if children:
+            ParallelSamples(first, children)
         self.requests[first.request_id] = list(seqs)
         for seq in seqs:
             self._seqs[seq.seq_id] = seq
@@ -155,12 +161,11 @@ class Scheduler:
         self._leave_runner(seq)
         self._finished_seq_ids.append(seq.seq_id)
         self._seqs.pop(seq.seq_id, None)
-        for child in seq.fork_children:  # never forked: they end with their parent
+        for child in seq.group.ends_with(seq) if seq.group is not None else ():  # never made to run
             if not child.is_finished:
                 child.status = status
                 self._finished_seq_ids.append(child.seq_id)
                 self._seqs.pop(child.seq_id, None)
-        seq.fork_children = ()
         seqs = self.requests.get(seq.request_id)
         if seqs is not None and all(s.is_finished for s in seqs):
             del self.requests[seq.request_id]
@@ -174,8 +179,6 @@ class Scheduler:
     def _unqueue(self, seq: Sequence) -> None:
         if seq.status == SequenceStatus.RUNNING:
             self.running.remove(seq)
-        elif seq.status == SequenceStatus.SWAPPED:
-            self.swapped.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
 
@@ -195,8 +198,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_left = len(seq.token_ids) - seq.num_computed_tokens
-            if (num_left == 1 and seq.beam_group is None and not seq.fork_children and seq.seq_id in in_runner
-                    and kv.fits_next_token(seq)):
+            if num_left == 1 and seq.group is None and seq.seq_id in in_runner and kv.fits_next_token(seq):
                 # The usual decode: one token into a block it has, which the runner knows. What
                 # the general path below would decide, without its work: no allocation, no
                 # preemption, nothing new for the runner's batch (no blocks, no tokens, no forks).
@@ -223,49 +225,22 @@ class Scheduler:
         grew_out_of_blocks = bool(preempted)
         preempted += made_room
 
-        if not preempted:
-            # Swapped sequences come back before anything new is admitted (swap-ins never
-            # share a step with swap-outs, so a host block is never reused before it is read).
-            while self.swapped and budget > 0 and len(self.running) < self.max_num_seqs:
-                seq = self.swapped[0]
-                if self.waiting and self._key(self.waiting[0]) < self._key(seq) and self.policy == "priority":
+        if not grew_out_of_blocks:
+            # Swap-ins never share a step with swap-outs, so a host block is never reused before
+            # it is read.
+            can_swap_in = not preempted
+            for seq in [s for s in self.waiting if not _parked(s)]:
+                if budget <= 0 or len(self.running) + self._seqs_at_admission(seq) > self.max_num_seqs:
                     break
-                num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-                if not self.kv.swap_in(seq, num_new):
-                    break
-                self.swapped.popleft()
+                num_new = self._admit(seq, budget, can_swap_in)
+                if num_new is None:
+                    break  # the first in line waits for blocks; nobody overtakes it
+                self.waiting.remove(seq)
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
-                self.stats.num_swapped_in += 1
                 if num_new:
                     scheduled.append(self._scheduled(seq, num_new, out))
                     budget -= num_new
-
-        if not grew_out_of_blocks:
-            for seq in [s for s in self.waiting if not _parked(s)]:
-                if budget <= 0:
-                    break
-                if self.swapped and (self.policy == "fcfs" or self._key(self.swapped[0]) < self._key(seq)):
-                    break  # a swapped-out sequence ranks first and is still waiting for blocks
-                if len(self.running) + self._seqs_at_admission(seq) > self.max_num_seqs:
-                    break
-                hits, num_hit_tokens = self.kv.get_computed_blocks(seq)
-                num_new = seq.num_tokens - num_hit_tokens
-                if num_new > budget:
-                    if not self.enable_chunked_prefill:
-                        break
-                    num_new = budget
-                if not self.kv.allocate_slots(seq, num_new, hits):
-                    break
-                self.waiting.remove(seq)
-                if seq.status == SequenceStatus.WAITING:  # its first admission: count the prompt once
-                    seq.num_cached_tokens = num_hit_tokens
-                    self.kv.prefix_stats.record(seq.num_tokens, num_hit_tokens)
-                seq.num_computed_tokens = num_hit_tokens
-                seq.status = SequenceStatus.RUNNING
-                self.running.append(seq)
-                scheduled.append(self._scheduled(seq, num_new, out))
-                budget -= num_new
 
         if not scheduled and not preempted and self.waiting and self.running and all(_parked(s) for s in self.running):
             # Only beams that reported are running, waiting for a sibling that cannot get
@@ -283,21 +258,41 @@ class Scheduler:
         self._record(out)
         return out
 
+    def _admit(self, seq: Sequence, budget: int, can_swap_in: bool) -> int | None:
+        """Room for a waiting sequence's next tokens: how many it computes this step, or None
+        (nothing changed) if it cannot start now. A swapped-out sequence gets fresh blocks its
+        KV is copied back into; any other starts after its longest prefix-cache hit, its prompt
+        counted once, at its first admission."""
+        if seq.status == SequenceStatus.SWAPPED:
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            if not can_swap_in or not self.kv.swap_in(seq, num_new):
+                return None
+            self.stats.num_swapped_in += 1
+            return num_new
+        hits, num_hit_tokens = self.kv.get_computed_blocks(seq)
+        num_new = seq.num_tokens - num_hit_tokens
+        if num_new > budget:
+            if not self.enable_chunked_prefill:
+                return None
+            num_new = budget
+        if not self.kv.allocate_slots(seq, num_new, hits):
+            return None
+        if seq.status == SequenceStatus.WAITING:  # its first admission: count the prompt once
+            seq.num_cached_tokens = num_hit_tokens
+            self.kv.prefix_stats.record(seq.num_tokens, num_hit_tokens)
+        seq.num_computed_tokens = num_hit_tokens
+        return num_new
+
     def _seqs_at_admission(self, seq: Sequence) -> int:
-        """Sequences a waiting one becomes: its unforked samples, or its beams."""
-        group = seq.beam_group
-        if group is not None and group.num_steps == 0:
-            return group.width
-        return 1 + len(seq.fork_children)
+        """Sequences a waiting one becomes: itself, or its group's (unforked samples, beams)."""
+        return 1 if seq.group is None else seq.group.seqs_at_admission(seq)
 
     def _preempt_for_waiting(self) -> list[Sequence]:
         """Priority policy: make room for the most urgent waiting sequence by preempting
         running ones of lower priority (a larger value) while it does not fit."""
         head = next((s for s in self.waiting if not _parked(s)), None)
-        if head is None:
-            return []
-        if self.swapped and self._key(self.swapped[0]) < self._key(head):
-            return []
+        if head is None or head.status == SequenceStatus.SWAPPED:
+            return []  # a swapped-out sequence comes back when blocks free up, preempting nobody
         need_seqs = self._seqs_at_admission(head)
         need_blocks = self.kv.num_blocks_needed(min(head.num_tokens, self.max_num_batched_tokens))
         preempted = []
@@ -312,7 +307,7 @@ class Scheduler:
         """The step's entry for `seq`, and what the runner's batch must learn about it: all of
         it if the runner does not hold it, else only its new blocks and tokens."""
         sample = seq.num_computed_tokens + num_new == seq.num_tokens
-        forks = tuple(ForkSeq(c.seq_id, c.params) for c in seq.fork_children) if sample else ()
+        forks = seq.group.forks(seq) if sample and seq.group is not None else ()
         if seq.seq_id not in self._in_runner:
             self._in_runner.add(seq.seq_id)
             self._runner_tokens.pop(seq.seq_id, None)
@@ -341,10 +336,11 @@ class Scheduler:
         self._leave_runner(seq)
         seq.num_preemptions += 1
         self.stats.num_preemptions += 1
-        if self.preemption_mode == "swap" and seq.beam_group is None and self.kv.can_swap_out(seq):
+        if (self.preemption_mode == "swap" and (seq.group is None or seq.group.swappable)
+                and self.kv.can_swap_out(seq)):
             self.kv.swap_out(seq)
             seq.status = SequenceStatus.SWAPPED
-            self._enqueue(self.swapped, seq)
+            self._enqueue(self.waiting, seq, front=True)
             self.stats.num_swapped_out += 1
             return
         self.kv.free(seq)
@@ -352,9 +348,14 @@ class Scheduler:
         seq.status = SequenceStatus.PREEMPTED
         self._enqueue(self.waiting, seq, front=True)
 
+    @property
+    def num_swapped(self) -> int:
+        """Waiting sequences whose KV is in the host pool."""
+        return self.kv.num_swapped_seqs
+
     def _record(self, out: SchedulerOutput) -> None:
         st = self.stats
-        st.num_running, st.num_waiting = len(self.running), len(self.waiting)
+        st.num_running, st.num_waiting = len(self.running), len(self.waiting) - self.num_swapped
         st.last_batch_seqs = len(out.scheduled)
         st.last_batch_tokens = out.num_batched_tokens
         st.max_batch_seqs = max(st.max_batch_seqs, len(out.scheduled))
@@ -365,9 +366,9 @@ class Scheduler:
     def update(self, out: SchedulerOutput, result: RunnerOutput) -> list[CoreOutput]:
         """Advance the scheduled sequences by what the step computed and sampled, and say what
         each produced. Token-level stops (max_tokens, max_model_len, EOS, stop_token_ids) are
-        applied here; beam groups whose beams have all reported take their next step."""
+        applied here; a sequence of a group hands its row to the group and applies what it
+        decides."""
         outputs: list[CoreOutput] = []
-        groups: list[BeamSearchGroup] = []
         seqs, cache_computed_blocks = self._seqs, self.kv.cache_computed_blocks
         all_prompt_logprobs = result.prompt_logprobs
         token_ids, logprobs = result.token_ids, result.logprobs
@@ -385,84 +386,63 @@ class Scheduler:
             prompt_logprobs = all_prompt_logprobs.get(seq.seq_id) if all_prompt_logprobs else None
             if prompt_logprobs:
                 seq.num_prompt_logprobs += len(prompt_logprobs)
-                if not item.sample or seq.beam_group is not None:
+            if not item.sample:
+                if prompt_logprobs:
                     outputs.append(SeqOutput(seq.request_id, seq.seq_id, seq.index, [],
                                              new_prompt_logprobs=prompt_logprobs))
-            if not item.sample:
                 continue
-            if seq.beam_group is not None:
-                seq.beam_group.report(seq, *result.beam_candidates[first])
-                if seq.beam_group not in groups:
-                    groups.append(seq.beam_group)
-                continue
-            if seq.fork_children:
-                children = seq.fork_children
-                seq.fork_children = ()
-                for child, r in zip(children, range(first + 1, row)):
-                    if child.is_finished:
-                        continue
-                    self.kv.fork(seq, child)
-                    child.num_computed_tokens = seq.num_computed_tokens
-                    child.num_cached_tokens = seq.num_cached_tokens
-                    child.status = SequenceStatus.RUNNING
-                    self.running.append(child)
-                    outputs.append(self._append_tokens(child, token_ids[r], logprobs[r]))
-            outputs.append(self._append_tokens(seq, token_ids[first], logprobs[first], prompt_logprobs))
-        for group in groups:
-            if group.ready:
-                done = self._advance_beams(group)
-                if done is not None:
-                    outputs.append(done)
+            if seq.group is None:
+                outputs.append(self._append_tokens(seq, token_ids[first], logprobs[first], prompt_logprobs))
+            else:
+                self._apply(seq.group.on_sampled(seq, first, result), result, outputs, seq, prompt_logprobs)
         return outputs
 
-    def _advance_beams(self, group: BeamSearchGroup) -> RequestDone | None:
-        """Apply one beam-search decision: a parent kept once continues itself; kept again, it
-        branches (sharing every block; the shared partial block is copied on first write);
-        beams not kept are dropped. When the search is over every beam is dropped."""
-        decisions = group.advance()
-        old = group.running
-        taken: set[int] = set()
-        beams: list[tuple[Sequence, int, float]] = []
-        for parent, token, score in decisions:
-            if parent.seq_id in taken:
-                beams.append((self._branch(parent), token, score))
+    def _apply(self, decisions: list[Decision], result: RunnerOutput, outputs: list[CoreOutput],
+               seq: Sequence, prompt_logprobs: list[TokenLogprobs] | None) -> None:
+        """Carry out a group's decisions, taken when `seq` sampled (its prompt logprobs go with
+        its own sampled row, or alone when it has none)."""
+        for d in decisions:
+            if isinstance(d, Sample):
+                own = d.seq is seq
+                outputs.append(self._append_tokens(d.seq, result.token_ids[d.row], result.logprobs[d.row],
+                                                   prompt_logprobs if own else None))
+                if own:
+                    prompt_logprobs = None
+            elif isinstance(d, Fork):
+                self._fork(d.parent, d.child)
+            elif isinstance(d, Append):
+                d.seq.token_ids.append(d.token)
+                d.seq.cumulative_logprob = d.cumulative_logprob
+                if d.seq.seq_id in self._in_runner:
+                    self._runner_tokens.setdefault(d.seq.seq_id, []).append(d.token)
+            elif isinstance(d, Drop):
+                self._finish(d.seq, SequenceStatus.FINISHED_STOPPED)
+                group_seqs = self.requests.get(d.seq.request_id)
+                if group_seqs is not None:
+                    group_seqs.remove(d.seq)
+            elif isinstance(d, Done):
+                outputs.append(d.result)
             else:
-                taken.add(parent.seq_id)
-                beams.append((parent, token, score))
-        dropped = [s for s in old if s.seq_id not in taken]
-        request_id = old[0].request_id
-        for seq in dropped:
-            self._drop_beam(seq)
-        for seq, token, score in beams:
-            seq.token_ids.append(token)
-            seq.cumulative_logprob = score
-            if seq.seq_id in self._in_runner:
-                self._runner_tokens.setdefault(seq.seq_id, []).append(token)
-        if group.done:
-            group.running = dropped  # the last beams, now finished: the request is over
-            return RequestDone(request_id, "stop", beams=beam_hypotheses(group))
-        group.set_running([(seq, score) for seq, _, score in beams])
-        return None
+                raise TypeError(f"not a group decision: {d!r}")
+        if prompt_logprobs:
+            outputs.append(SeqOutput(seq.request_id, seq.seq_id, seq.index, [], new_prompt_logprobs=prompt_logprobs))
 
-    def _branch(self, parent: Sequence) -> Sequence:
-        child = parent.branch()
-        self.requests[parent.request_id].append(child)
-        self._seqs[child.seq_id] = child
+    def _fork(self, parent: Sequence, child: Sequence) -> None:
+        """`child` starts where `parent` is, sharing its blocks; if the parent is not running
+        (a beam preempted after it reported), the child waits to recompute like its parent."""
+        if child.seq_id not in self._seqs:  # a new sequence (a beam's branch), not a known sample
+            self.requests[parent.request_id].append(child)
+            self._seqs[child.seq_id] = child
+        child.num_cached_tokens = parent.num_cached_tokens
         if parent.status == SequenceStatus.RUNNING:
             self.kv.fork(parent, child)
+            child.num_computed_tokens = parent.num_computed_tokens
+            child.status = SequenceStatus.RUNNING
             self.running.append(child)
-        else:  # preempted after reporting: the branch recomputes too
+        else:
             child.num_computed_tokens = 0
+            child.status = parent.status
             self._enqueue(self.waiting, child, front=True)
-        return child
-
-    def _drop_beam(self, seq: Sequence) -> None:
-        """A beam that is not continued: free it and forget it (its tokens live on in its
-        branches or in a finished hypothesis)."""
-        self._finish(seq, SequenceStatus.FINISHED_STOPPED)
-        seqs = self.requests.get(seq.request_id)
-        if seqs is not None:
-            seqs.remove(seq)
 
     def _append_tokens(self, seq: Sequence, tokens: list[int], logprobs: list[TokenLogprobs] | None,
                        prompt_logprobs: list[TokenLogprobs] | None = None) -> SeqOutput:
@@ -525,13 +505,11 @@ class Scheduler:
 
     def beam_group(self, request_id: str) -> BeamSearchGroup | None:
         seqs = self.requests.get(request_id)
-        return seqs[0].beam_group if seqs else None
+        group = seqs[0].group if seqs else None
+        return group if isinstance(group, BeamSearchGroup) else None
 
     def check_all_free(self) -> None:
-        assert not self.running and not self.waiting and not self.swapped, (self.running, self.waiting, self.swapped)
+        assert not self.running and not self.waiting, (self.running, self.waiting)
         assert not self._seqs, f"sequences still registered: {sorted(self._seqs)[:8]}"
         self.kv.check_all_free()
 
-
-def beam_hypotheses(group: BeamSearchGroup) -> list[BeamHypothesis]:
-    return [BeamHypothesis(list(h.token_ids), h.cumulative_logprob, h.finish_reason) for h in group.best()]

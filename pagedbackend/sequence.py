@@ -83,7 +83,7 @@ class Sequence(SampledTokens):
     # Slots, the ones every decode step reads first: the scheduler touches each running
     # sequence twice a step, after a forward pass has flushed the CPU caches, and attributes
     # stored in the object itself (not in a separate dict) cost fewer cache misses.
-    __slots__ = ("seq_id", "token_ids", "num_computed_tokens", "status", "params", "beam_group", "fork_children",
+    __slots__ = ("seq_id", "token_ids", "num_computed_tokens", "status", "params", "group",
                  "request_id", "index", "prompt_len", "cumulative_logprob", "num_cached_tokens", "max_num_tokens",
                  "all_stop_token_ids", "reports_logprobs", "arrival_time", "priority", "stop_reason",
                  "num_preemptions", "block_hashes", "num_prompt_logprobs", "bad_words_ids")
@@ -120,9 +120,6 @@ class Sequence(SampledTokens):
         self.num_preemptions = 0
         # Chained hashes of this sequence's full blocks, extended as tokens arrive.
         self.block_hashes: list[BlockHash] = []
-        # Samples 1..n-1 of a request, waiting for this (first) sample's prefill to fork from it.
-        # A tuple: () for nearly every sequence, and () is shared (no object to load per check).
-        self.fork_children: tuple[Sequence, ...] = ()
         # Sum of the chosen tokens' logprobs (reported when asked for, and ranks best_of samples).
         self.cumulative_logprob = 0.0
         # Prompt positions whose logprobs were reported (when `params.prompt_logprobs` is set;
@@ -130,8 +127,10 @@ class Sequence(SampledTokens):
         self.num_prompt_logprobs = 0
         # Token-id sequences that must not be generated (bad_words, tokenized by the engine).
         self.bad_words_ids: list[list[int]] = []
-        # The beam search this sequence is a beam of (pagedbackend.beam_search.BeamSearchGroup).
-        self.beam_group: Any = None
+        # The multi-sequence request this sequence belongs to while their lives are tied (samples
+        # not forked yet, a beam search): a pagedbackend.request_group.RequestGroup; None for a
+        # plain sequence, which is nearly every one.
+        self.group: Any = None
 
     @property
     def num_tokens(self) -> int:
@@ -144,7 +143,7 @@ class Sequence(SampledTokens):
     @property
     def beam_k(self) -> int:
         """Candidates a beam reports per step (0 when this is not a beam)."""
-        return self.beam_group.candidates_per_beam if self.beam_group is not None else 0
+        return self.group.beam_k if self.group is not None else 0
 
     @property
     def wants_prompt_logprobs(self) -> bool:
@@ -172,7 +171,7 @@ class Sequence(SampledTokens):
         child.status = self.status
         child.cumulative_logprob = self.cumulative_logprob
         child.bad_words_ids = self.bad_words_ids
-        child.beam_group = self.beam_group
+        child.group = self.group
         return child
 
     def __repr__(self) -> str:

@@ -375,6 +375,30 @@ def test_swap_preemption_copies_blocks_out_and_back_and_resumes_with_the_same_to
     sched.check_all_free()
 
 
+def test_swapped_and_preempted_sequences_wait_in_one_queue_oldest_first_ahead_of_new_ones():
+    sched, runner = make(num_blocks=12, block_size=4, max_num_batched_tokens=64, max_model_len=48,
+                         mode="swap", host_blocks=40)
+    prompts = [list(range(k * 50, k * 50 + 9)) for k in range(5)]
+    seqs = [add(sched, f"r{k}", p, 20, arrival=k)[0] for k, p in enumerate(prompts)]
+    saw_swapped = 0
+    for _ in range(2000):
+        if not sched.has_unfinished():
+            break
+        out = sched.schedule()
+        waiting = list(sched.waiting)
+        resumed = [s for s in waiting if s.status != SequenceStatus.WAITING]
+        assert waiting[:len(resumed)] == resumed  # nothing new overtakes a preempted sequence
+        assert resumed == sorted(resumed, key=lambda s: s.arrival_time)  # fcfs: the oldest comes back first
+        swapped = [s for s in waiting if s.status == SequenceStatus.SWAPPED]
+        assert sched.num_swapped == len(swapped) == sched.kv.num_swapped_seqs
+        saw_swapped = max(saw_swapped, len(swapped))
+        sched.update(out, runner.execute(out))
+    assert saw_swapped >= 2
+    for seq, prompt in zip(seqs, prompts):
+        assert seq.output_token_ids == reference(prompt, 20)
+    sched.check_all_free()
+
+
 def test_swap_falls_back_to_recompute_when_the_host_pool_is_full():
     sched, runner = make(num_blocks=12, block_size=4, max_num_batched_tokens=64, max_model_len=48,
                          mode="swap", host_blocks=2)  # smaller than any victim
