@@ -15,8 +15,12 @@ from pagedbackend.models.registry import has_native
 
 README_HEADING = "## Supported architectures"
 _PARITY = "greedy = `generate()` with chunked prefill, prefix hits and preemption"
-# Native architectures whose TP=2 run is checked token-exact (tests/test_tensor_parallel.py).
-TP_VERIFIED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel", "Qwen3ForCausalLM")
+# Architectures whose TP=2 engine run is checked token-exact with generate(): native ones in
+# tests/test_tensor_parallel.py, transformers-path ones in tests/test_transformers_tp.py (which
+# checks this list against the models it runs).
+TP_VERIFIED = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "GPT2LMHeadModel", "Qwen3ForCausalLM",
+               "Gemma2ForCausalLM", "GraniteForCausalLM", "Qwen3MoeForCausalLM", "Olmo2ForCausalLM",
+               "Phi3ForCausalLM")
 
 
 def architecture_rows() -> list[tuple[str, str, str, str]]:
@@ -40,9 +44,19 @@ def architecture_rows() -> list[tuple[str, str, str, str]]:
             verified = f"{_PARITY}, on both paths, equal to each other" + ("; TP=2" if arch in TP_VERIFIED else "")
         else:
             impl = "transformers"
-            verified = _PARITY
+            verified = _PARITY + ("; TP=2" if arch in TP_VERIFIED else "")
         rows.append((arch + variant, impl, spec.features, verified))
     return rows
+
+
+def architecture_of(tiny_arch: str) -> str:
+    """The `*ForCausalLM` class name of a tiny test model (`TINY_ARCHS` key)."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from pagedbackend.tiny_model import TINY_ARCHS
+
+    return MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[getattr(transformers, TINY_ARCHS[tiny_arch].config_class).model_type]
 
 
 def table_markdown() -> str:

@@ -12,6 +12,12 @@ transforms (Gemma's soft-cap, Granite's scaling, Cohere's scale): `compute_logit
 
 Models whose modeling code does not call the interface (`_supports_attention_backend` false:
 Falcon, Bloom, MPT, recurrent hybrids) would silently attend without the cache: refused.
+
+With tensor_parallel_size > 1 the loaded model is cut to this rank's shard by
+`transformers_tp.shard_model` (the model's `base_model_tp_plan`), the paged-attention slots and
+so the KV cache get the per-rank head counts, and a probe forward at start-up checks that every
+layer's attention call really carries those counts (a model whose code reshapes by the full
+counts fails there, by name, instead of producing wrong tokens).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from torch import nn
 
 from pagedbackend.attention.layer import PagedAttention
 from pagedbackend.attention.metadata import AttentionMetadata
+from pagedbackend.distributed import get_tp_rank, get_tp_size
 from pagedbackend.models.base import CausalLM
 from pagedbackend.models.config import ModelConfig
 
@@ -32,7 +39,9 @@ IMPL_NAME = "pagedbackend"
 # transformers 5.24 modeling code; token-exact in tests/test_transformers_path.py). The flag
 # also guards hybrids and encoder-decoders, so it stays the rule for everything else.
 INTERFACE_DESPITE_FLAG = ("StableLmForCausalLM",)
-_STEP: dict[str, Any] = {}  # the forward context: {"meta": AttentionMetadata, "layers": [PagedAttention]}
+# The forward context: {"meta": AttentionMetadata, "layers": [PagedAttention]}, or {"probe": [...]}
+# while `_probe_heads` runs.
+_STEP: dict[str, Any] = {}
 
 
 def causal_lm_class(mc: ModelConfig) -> type:
@@ -65,6 +74,9 @@ def paged_attention_forward(module: nn.Module, query: torch.Tensor, key: torch.T
                             **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention call: q `[1, Hq, T, D]`, k/v `[1, Hkv, T, D]` (after RoPE and
     any q/k norm) -> `([1, T, Hq, D], None)`, through the paged KV cache."""
+    if "probe" in _STEP:  # start-up check of the head counts: record, attend to nothing
+        _STEP["probe"].append((module, tuple(query.shape), tuple(key.shape), tuple(value.shape)))
+        return query.new_zeros(query.shape[0], query.shape[2], query.shape[1], value.shape[-1]), None
     meta: AttentionMetadata = _STEP["meta"]
     layer: PagedAttention = _STEP["layers"][module.layer_idx]
     q = query[0].transpose(0, 1).contiguous()
@@ -116,16 +128,65 @@ class TransformersCausalLM(CausalLM):
 
         cls = causal_lm_class(mc)
         AttentionInterface.register(IMPL_NAME, paged_attention_forward)
-        # Weights are materialised once, in the target dtype on the target device.
-        self.hf = cls.from_pretrained(str(mc.path), dtype=dtype, device_map=torch.device(device),
+        tp = get_tp_size()
+        # Weights are materialised once, in the target dtype on the target device; with tensor
+        # parallelism on the host first, so that only this rank's shard reaches the device.
+        load_device = torch.device(device) if tp == 1 else torch.device("cpu")
+        self.hf = cls.from_pretrained(str(mc.path), dtype=dtype, device_map=load_device,
                                       attn_implementation=IMPL_NAME, use_safetensors=load_format != "pt").eval()
+        heads, kv_heads, head_dim = mc.num_heads, mc.num_kv_heads, mc.head_dim
+        split_attention: list[nn.Module] = []
+        if tp > 1:
+            from pagedbackend.models.transformers_tp import shard_model
+
+            shard = shard_model(self.hf, self.hf.config, get_tp_rank(), tp, num_heads=heads, num_kv_heads=kv_heads,
+                                head_dim=head_dim)
+            heads, kv_heads, split_attention = shard.heads_per_rank, shard.kv_heads_per_rank, shard.attention_modules
+            self.hf.to(device)
         self.base_prefix = self.hf.base_model_prefix
         self.base = getattr(self.hf, self.base_prefix)
-        # One paged-attention slot per decoder layer, for the runner to bind a KV cache to;
-        # scale, window and soft-cap come with each call, from the model's own code.
-        head_dim = mc.head_dim
-        self.paged = nn.ModuleList(PagedAttention(mc.num_heads, mc.num_kv_heads, head_dim, scale=head_dim ** -0.5)
+        # One paged-attention slot per decoder layer, for the runner to bind a KV cache to (its
+        # head counts size the cache: this rank's heads); scale, window and soft-cap come with
+        # each call, from the model's own code.
+        self.paged = nn.ModuleList(PagedAttention(heads, kv_heads, head_dim, scale=head_dim ** -0.5)
                                    for _ in range(mc.num_layers))
+        if tp > 1:
+            self._probe_heads(mc, heads, kv_heads, head_dim, split_attention, device)
+
+    @torch.inference_mode()
+    def _probe_heads(self, mc: ModelConfig, heads: int, kv_heads: int, head_dim: int,
+                     split_attention: list[nn.Module], device: str) -> None:
+        """One two-token forward (every rank runs it: the row-parallel layers all-reduce) whose
+        attention calls only record their shapes: each layer must call the interface once,
+        with this rank's q and KV head counts and head_dim, and the attention modules that
+        were given per-rank counts must be the ones that call it."""
+        calls: list[tuple[nn.Module, tuple, tuple, tuple]] = []
+        name = mc.architecture
+        _STEP["probe"] = calls
+        try:
+            ids = torch.zeros((1, 2), dtype=torch.long, device=device)
+            self.base(input_ids=ids, position_ids=torch.arange(2, device=device)[None], use_cache=False)
+        except RuntimeError as e:  # a reshape by the full head counts, a shape mismatch
+            raise ValueError(f"tensor_parallel_size={get_tp_size()}: {name}'s forward fails once sharded "
+                             f"({type(e).__name__}: {e}): its modeling code does not follow the split, so the "
+                             "transformers path cannot serve it with tensor parallelism") from e
+        finally:
+            _STEP.clear()
+        layers = sorted(getattr(m, "layer_idx", -1) for m, *_ in calls)
+        if layers != list(range(mc.num_layers)):
+            raise ValueError(f"tensor_parallel_size={get_tp_size()}: {name}'s attention calls came from layers "
+                             f"{layers}, not once from each of its {mc.num_layers} layers")
+        for module, q, k, v in calls:
+            got = (q[1], k[1], v[1], q[-1], k[-1])
+            if got != (heads, kv_heads, kv_heads, head_dim, head_dim):
+                raise ValueError(f"tensor_parallel_size={get_tp_size()}: after sharding, {name} layer "
+                                 f"{module.layer_idx} ({type(module).__name__}) attends with q {q}, k {k}, v {v}, not "
+                                 f"{heads} q and {kv_heads} KV heads of {head_dim} per rank: its modeling code does "
+                                 "not follow the split, so the transformers path cannot serve it with tensor "
+                                 "parallelism")
+        if split_attention and {id(m) for m, *_ in calls} != {id(m) for m in split_attention}:
+            raise ValueError(f"tensor_parallel_size={get_tp_size()}: the modules of {name} that call the attention "
+                             "interface are not the attention modules whose heads were split")
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         with _forward_context(meta, self.paged):
