@@ -5,123 +5,226 @@ on any machine. That catches what the interpreter cannot (a `tl.dot` with K < 16
 unsupported dtype combination, too many registers), and `metadata.shared` is checked against
 the card's shared-memory limit (the compiler does not reject excess itself).
 
+What is compiled is what the JIT would compile: each variant is a launch recorded from the real
+kernel wrapper (`unified_attention`, `split_kv_decode_attention`, `reshape_and_cache`,
+`copy_blocks`) on tensors of production shapes, specialised by the JIT's own argument binder.
+So the signature, the constexprs and the `tt.divisibility=16` attributes on 16-byte-aligned
+pointers and multiple-of-16 integers are the ones a launch gets; without those attributes the
+compiler emits scalar loads where the running kernel has vectorised ones, and the check would
+measure a different kernel.
+
     python -m pagedbackend.kernels.compile_check          # every variant, sm_90 and sm_80
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import itertools
 import sys
 import time
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Iterator
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import JITFunction, create_function_from_signature
 
-from pagedbackend.kernels.cache_ops import _copy_blocks_kernel, _reshape_and_cache_kernel
-import torch
-
-from pagedbackend.kernels.paged_attention import (_split_decode_kernel, _split_reduce_kernel,
-                                                  _unified_attention_kernel, kv_sub_tile, query_block_shape)
+from pagedbackend.kernels import cache_ops, paged_attention
+from pagedbackend.kernels.layout import kv_cache_shape
 
 # Shared memory per block (bytes) a kernel may use on each target.
 SHARED_LIMIT = {90: 232448, 80: 166912}
 TARGETS = (90, 80)
-_PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 _TORCH = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# The kernels the wrappers launch, by module: what `recorded_launches` intercepts.
+_LAUNCHED = {cache_ops: ("_reshape_and_cache_kernel", "_copy_blocks_kernel"),
+             paged_attention: ("_unified_attention_kernel", "_split_decode_kernel", "_split_reduce_kernel")}
+
+
+@dataclass
+class Launch:
+    """One kernel launch as a wrapper made it: the @triton.jit object and its arguments."""
+
+    kernel: Any
+    args: tuple
+    kwargs: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.kernel.__name__
+
+
+@dataclass(frozen=True)
+class Specialization:
+    """What the JIT derives from a launch's arguments. `key` is its compile-cache key (with the
+    options, which the kernels here never vary): a launch with a new key is a new compile."""
+
+    signature: dict[str, str]
+    constexprs: dict[str, Any]
+    attrs: dict[tuple[int, ...], list]
+    key: tuple
+
+
+class _Recorder:
+    """Stands in for a kernel: `kernel[grid](...)` records the launch instead of running it."""
+
+    def __init__(self, kernel: Any, launches: list[Launch]) -> None:
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid: Any):
+        def launch(*args: Any, **kwargs: Any) -> None:
+            self.launches.append(Launch(self.kernel, args, kwargs))
+        return launch
+
+
+@contextlib.contextmanager
+def recorded_launches() -> Iterator[list[Launch]]:
+    """Within the block, the kernel wrappers of cache_ops and paged_attention record their
+    launches (into the yielded list) instead of running them: how compile_check learns exactly
+    what a wrapper launches, and how tests see which specialisations a sequence of steps needs.
+    Launches are recorded as the compiled path makes them, without the interpreter's
+    workarounds, even under TRITON_INTERPRET=1. Not thread-safe: it swaps module attributes,
+    and restores them on exit."""
+    launches: list[Launch] = []
+    saved = [(module, name, getattr(module, name)) for module, names in _LAUNCHED.items() for name in names]
+    saved.append((paged_attention, "_interpreting", paged_attention._interpreting))
+    try:
+        for module, name, kernel in saved[:-1]:
+            setattr(module, name, _Recorder(kernel, launches))
+        paged_attention._interpreting = lambda: False
+        yield launches
+    finally:
+        for module, name, kernel in saved:
+            setattr(module, name, kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def jit_function(kernel: Any) -> JITFunction:
+    """The JITFunction behind `kernel`: itself, or (under TRITON_INTERPRET=1, where @triton.jit
+    gives an InterpretedFunction) one built from the same Python function and decorator options."""
+    if isinstance(kernel, JITFunction):
+        return kernel
+    return JITFunction(kernel.fn, **kernel.kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _binder(kernel: Any, capability: int) -> tuple[Any, Any]:
+    backend = make_backend(GPUTarget("cuda", capability, 32))
+    fn = jit_function(kernel)
+    return backend, create_function_from_signature(fn.signature, fn.params, backend)
+
+
+def jit_specialization(launch: Launch, capability: int = 90) -> Specialization:
+    """Specialise a launch the way `JITFunction.run` does: the JIT's binder turns each argument
+    into (type, attribute) — pointers and integers get "D" (tt.divisibility=16) when 16-byte
+    aligned / a multiple of 16, an integer equal to 1 becomes a constexpr, parameters in
+    `do_not_specialize` get neither — and signature, constexprs and attrs are packed as
+    `JITFunction._pack_args` packs them (no kernel here takes tuple arguments)."""
+    backend, binder = _binder(launch.kernel, capability)
+    bound, specialization, _ = binder(*launch.args, **launch.kwargs)
+    names = list(bound)
+    signature = {name: spec[0] for name, spec in zip(names, specialization)}
+    constexprs = {name: bound[name] for name, spec in zip(names, specialization) if spec[0] == "constexpr"}
+    attrs = {(i,): backend.parse_attr(spec[1]) for i, spec in enumerate(specialization)
+             if spec[0] != "constexpr" and isinstance(spec[1], str)}
+    return Specialization(signature, constexprs, attrs, tuple(specialization))
 
 
 @dataclass
 class Variant:
-    kernel: Any
-    signature: dict[str, str]
-    constexprs: dict[str, Any]
+    """A recorded production launch, ready to compile for a target."""
+
+    launch: Launch
+    spec: Specialization = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.spec = jit_specialization(self.launch)
+
+    @property
+    def kernel(self) -> JITFunction:
+        return jit_function(self.launch.kernel)
 
     @property
     def name(self) -> str:
-        parts = [f"{k}={v}" for k, v in self.constexprs.items() if k not in ("PRECISION", "UPCAST")]
-        return f"{self.kernel.__name__}[{self.signature['q_ptr' if 'q_ptr' in self.signature else next(iter(self.signature))]}," \
-               + ",".join(parts) + "]"
+        sig = self.spec.signature
+        dtype = sig.get("q_ptr") or next(iter(sig.values()))
+        parts = [f"{k}={v}" for k, v in self.spec.constexprs.items() if k not in ("PRECISION", "UPCAST")]
+        return f"{self.launch.name}[{dtype}," + ",".join(parts) + "]"
 
 
-def _with_constexprs(sig: dict[str, str], constexprs: dict[str, Any]) -> dict[str, str]:
-    return {**sig, **{name: "constexpr" for name in constexprs}}
+def _tensor(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    # Never read (launches are recorded, not run); zeros keep the tensors cheap and defined.
+    return torch.zeros(shape, dtype=dtype)
 
 
-def unified_variant(dtype: str, head_dim: int, block_size: int, group: int, prefill: bool, window: bool,
-                    soft_cap: bool = False) -> Variant:
-    block_m, block_q = query_block_shape(group, 2 if prefill else 1, head_dim)
-    ptr = _PTR[dtype]
-    sig = {"out_ptr": ptr, "q_ptr": ptr, "k_cache_ptr": ptr, "v_cache_ptr": ptr, "block_tables_ptr": "*i32",
-           "seq_lens_ptr": "*i32", "query_start_ptr": "*i32", "prog_seq_ptr": "*i32", "prog_qoff_ptr": "*i32",
-           "scale": "fp32", "sliding_window": "i32", "soft_cap": "fp32", "stride_qt": "i32", "stride_qh": "i32",
-           "stride_ot": "i32", "stride_oh": "i32", "stride_kb": "i64", "stride_kh": "i32", "stride_kn": "i32",
-           "stride_bt": "i32"}
-    const = {"GROUP": group, "BLOCK_M": block_m, "BLOCK_Q": block_q, "HEAD_DIM": head_dim,
-             "D_PAD": triton.next_power_of_2(head_dim), "BLOCK_SIZE": block_size,
-             "BLOCK_N": kv_sub_tile(block_size, head_dim, _TORCH[dtype]), "USE_WINDOW": window,
-             "USE_SOFT_CAP": soft_cap, "UPCAST": False, "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
-    return Variant(_unified_attention_kernel, _with_constexprs(sig, const), const)
+def _unified_launch(dtype: str, head_dim: int, block_size: int, group: int, prefill: bool, window: bool,
+                    soft_cap: bool = False, num_kv_heads: int = 8) -> None:
+    t = _TORCH[dtype]
+    query_lens = [1, 37] if prefill else [1, 1]
+    qsl = [0, query_lens[0], sum(query_lens)]
+    q = _tensor((qsl[-1], num_kv_heads * group, head_dim), t)
+    kc = _tensor(kv_cache_shape(4, num_kv_heads, block_size, head_dim), t)
+    paged_attention.unified_attention(
+        torch.empty_like(q), q, kc, torch.empty_like(kc), _tensor((2, 128), torch.int32),
+        torch.tensor([100, 1000], dtype=torch.int32), torch.tensor(qsl, dtype=torch.int32), qsl, max(query_lens),
+        head_dim ** -0.5, 4096 if window else None, logits_soft_cap=50.0 if soft_cap else None)
 
 
-def split_variants(dtype: str, head_dim: int, group: int, num_splits: int,
-                   soft_cap: bool = False) -> list[Variant]:
-    ptr = _PTR[dtype]
-    d_pad = triton.next_power_of_2(head_dim)
-    sig = {"part_acc_ptr": "*fp32", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "q_ptr": ptr, "k_cache_ptr": ptr,
-           "v_cache_ptr": ptr, "block_tables_ptr": "*i32", "seq_lens_ptr": "*i32", "scale": "fp32",
-           "sliding_window": "i32", "soft_cap": "fp32", "num_seqs": "i32", "stride_qt": "i32", "stride_qh": "i32",
-           "stride_kb": "i64", "stride_kh": "i32", "stride_kn": "i32", "stride_bt": "i32"}
-    const = {"NUM_HEADS": 8 * group, "GROUP": group, "BLOCK_M": max(16, triton.next_power_of_2(group)),
-             "HEAD_DIM": head_dim, "D_PAD": d_pad, "BLOCK_SIZE": 64, "BLOCK_N": kv_sub_tile(64, head_dim, _TORCH[dtype]),
-             "BLOCKS_PER_SPLIT": 16, "USE_WINDOW": False, "USE_SOFT_CAP": soft_cap, "UPCAST": False,
-             "PRECISION": "ieee" if dtype == "fp32" else "tf32"}
-    rsig = {"out_ptr": ptr, "part_acc_ptr": "*fp32", "part_m_ptr": "*fp32", "part_l_ptr": "*fp32", "num_seqs": "i32",
-            "stride_ot": "i32", "stride_oh": "i32"}
-    rconst = {"NUM_HEADS": 8 * group, "NUM_SPLITS": num_splits, "HEAD_DIM": head_dim, "D_PAD": d_pad}
-    return [Variant(_split_decode_kernel, _with_constexprs(sig, const), const),
-            Variant(_split_reduce_kernel, _with_constexprs(rsig, rconst), rconst)]
+def _split_launch(dtype: str, head_dim: int, group: int, num_splits: int, soft_cap: bool = False,
+                  num_kv_heads: int = 8, block_size: int = 64) -> None:
+    t = _TORCH[dtype]
+    q = _tensor((2, num_kv_heads * group, head_dim), t)
+    kc = _tensor(kv_cache_shape(4, num_kv_heads, block_size, head_dim), t)
+    paged_attention.split_kv_decode_attention(
+        torch.empty_like(q), q, kc, torch.empty_like(kc), _tensor((2, 128), torch.int32),
+        torch.tensor([4096, 3000], dtype=torch.int32), 4096, head_dim ** -0.5, num_splits,
+        logits_soft_cap=50.0 if soft_cap else None)
 
 
-def cache_variants(dtype: str, num_kv_heads: int, head_dim: int) -> list[Variant]:
-    ptr = _PTR[dtype]
-    sig = {"key_ptr": ptr, "value_ptr": ptr, "key_cache_ptr": ptr, "value_cache_ptr": ptr, "slot_ptr": "*i64",
-           "num_tokens": "i32", "stride_kt": "i32", "stride_kh": "i32", "stride_vt": "i32", "stride_vh": "i32",
-           "stride_cb": "i64", "stride_ch": "i32", "stride_cn": "i32"}
-    const = {"NUM_KV_HEADS": num_kv_heads, "HEADS_PAD": triton.next_power_of_2(num_kv_heads), "HEAD_DIM": head_dim,
-             "D_PAD": triton.next_power_of_2(head_dim), "BLOCK_SIZE": 16, "BLOCK_T": 16}
-    csig = {"cache_ptr": ptr, "pairs_ptr": "*i64", "slab_stride": "i64", "block_numel": "i32"}
-    cconst = {"BLOCK": 1024}
-    return [Variant(_reshape_and_cache_kernel, _with_constexprs(sig, const), const),
-            Variant(_copy_blocks_kernel, _with_constexprs(csig, cconst), cconst)]
+def _cache_launches(dtype: str, num_kv_heads: int, head_dim: int, block_size: int = 16) -> None:
+    t = _TORCH[dtype]
+    k = _tensor((37, num_kv_heads, head_dim), t)
+    kc = _tensor(kv_cache_shape(4, num_kv_heads, block_size, head_dim), t)
+    cache_ops.reshape_and_cache(k, torch.empty_like(k), kc, torch.empty_like(kc), torch.arange(37, dtype=torch.int64))
+    stacked = _tensor((2, 2, *kv_cache_shape(4, num_kv_heads, block_size, head_dim)), t)
+    cache_ops.copy_blocks(stacked, torch.tensor([[0, 1]], dtype=torch.int64))
 
 
 def production_variants() -> list[Variant]:
     """Every value of every dimension, and the largest tiles (head_dim 256, block 64, fp32,
-    prefill rows) where shared memory runs out first."""
-    out = []
-    for dtype, head_dim in itertools.product(("fp16", "bf16", "fp32"), (64, 80, 96, 128, 256)):
-        out.append(unified_variant(dtype, head_dim, 16, 4, prefill=True, window=False))
-    for block_size, dtype in itertools.product((32, 64, 128), ("fp16", "fp32")):
-        out.append(unified_variant(dtype, 256, block_size, 1, prefill=True, window=False))
-    for group in (1, 2, 4, 8):
-        out.append(unified_variant("bf16", 128, 16, group, prefill=False, window=False))
-    out.append(unified_variant("fp16", 128, 32, 4, prefill=True, window=True))
-    # Gemma 2's shapes: head_dim 256, GQA 2, a sliding window on every other layer, soft-capped.
-    for prefill, window in itertools.product((True, False), (True, False)):
-        out.append(unified_variant("bf16", 256, 16, 2, prefill=prefill, window=window, soft_cap=True))
-    out += split_variants("bf16", 256, 2, 64, soft_cap=True)
-    for dtype, head_dim in itertools.product(("fp16", "bf16", "fp32"), (64, 128, 256)):
-        out += split_variants(dtype, head_dim, 8, 64 if head_dim == 256 else 4)
-    for dtype in ("fp16", "bf16", "fp32"):
-        out += cache_variants(dtype, 8, 128) + cache_variants(dtype, 1, 80)
-    return out
+    prefill rows) where shared memory runs out first; launches that specialise identically
+    (a split count is not a constexpr, say) are compiled once."""
+    with recorded_launches() as launches:
+        for dtype, head_dim in itertools.product(("fp16", "bf16", "fp32"), (64, 80, 96, 128, 256)):
+            _unified_launch(dtype, head_dim, 16, 4, prefill=True, window=False)
+        for block_size, dtype in itertools.product((32, 64, 128), ("fp16", "fp32")):
+            _unified_launch(dtype, 256, block_size, 1, prefill=True, window=False)
+        for group in (1, 2, 4, 8):
+            _unified_launch("bf16", 128, 16, group, prefill=False, window=False)
+        _unified_launch("fp16", 128, 32, 4, prefill=True, window=True)
+        # Gemma 2's shapes: head_dim 256, GQA 2, a sliding window on every other layer, soft-capped.
+        for prefill, window in itertools.product((True, False), (True, False)):
+            _unified_launch("bf16", 256, 16, 2, prefill=prefill, window=window, soft_cap=True)
+        _split_launch("bf16", 256, 2, 64, soft_cap=True)
+        for dtype, head_dim in itertools.product(("fp16", "bf16", "fp32"), (64, 128, 256)):
+            _split_launch(dtype, head_dim, 8, 64 if head_dim == 256 else 4)
+        for dtype in ("fp16", "bf16", "fp32"):
+            _cache_launches(dtype, 8, 128)
+            _cache_launches(dtype, 1, 80)
+    variants: dict[tuple[str, tuple], Variant] = {}
+    for launch in launches:
+        variant = Variant(launch)
+        variants.setdefault((launch.name, variant.spec.key), variant)
+    return list(variants.values())
 
 
 def compile_variant(variant: Variant, capability: int):
-    return triton.compile(ASTSource(variant.kernel, variant.signature, constexprs=variant.constexprs),
+    """Compile `variant` for sm_`capability` with the specialisation the JIT would give it there."""
+    spec = jit_specialization(variant.launch, capability)
+    return triton.compile(ASTSource(variant.kernel, spec.signature, constexprs=spec.constexprs, attrs=spec.attrs),
                           target=GPUTarget("cuda", capability, 32))
 
 

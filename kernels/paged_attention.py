@@ -13,9 +13,13 @@ Design:
   Rows are padded to at least 16 (tensor-core dots need M >= 16).
 * Online softmax over the sequence's KV blocks, accumulating in fp32 whatever the input dtype.
 * head_dim need not be a power of two (80, 96): tiles are padded and masked.
-* Split-KV: the KV blocks of each decode sequence are divided among NUM_SPLITS programs that
+* Split-KV: the KV blocks of each decode sequence are divided among `num_splits` programs that
   write partial (acc, max, sum); a small kernel combines them. Used when there are too few
   sequence x KV-head pairs to fill the GPU and the contexts are long.
+* Nothing that grows with the context or the batch is a constexpr or a specialised integer
+  (split sizes, split counts, sequence counts, block-table widths are runtime arguments marked
+  `do_not_specialize`), so a long decode compiles each kernel once instead of once per length.
+* Launches run on the tensors' CUDA device (kernels.launch), not the thread's current one.
 
 The Triton interpreter multiplies bf16 dot operands as raw bits (triton#11584); when
 interpreting, bf16 tiles are upcast to fp32 before `tl.dot` (UPCAST), which the compiled
@@ -30,6 +34,8 @@ import numpy as np
 import torch
 import triton
 import triton.language as tl
+
+from pagedbackend.kernels.launch import on_device_of
 
 _MASKED = tl.constexpr(-1e30)  # finite, so rows with every key masked never compute inf - inf
 
@@ -85,7 +91,8 @@ def _attend_kv_blocks(
     return m_i, l_i, acc
 
 
-@triton.jit
+# The block table's width follows the batch's longest sequence: not specialised on.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _unified_attention_kernel(
     out_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, query_start_ptr,
     prog_seq_ptr, prog_qoff_ptr, scale, sliding_window, soft_cap,
@@ -131,13 +138,15 @@ def _unified_attention_kernel(
              out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
-@triton.jit
+# blocks_per_split grows with the longest context and num_seqs / stride_bt with the batch: runtime
+# values, never specialised on, so a growing decode reuses one compiled kernel.
+@triton.jit(do_not_specialize=["num_seqs", "blocks_per_split", "stride_bt"])
 def _split_decode_kernel(
     part_acc_ptr, part_m_ptr, part_l_ptr, q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-    scale, sliding_window, soft_cap, num_seqs,
+    scale, sliding_window, soft_cap, num_seqs, blocks_per_split,
     stride_qt, stride_qh, stride_kb, stride_kh, stride_kn, stride_bt,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-    D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr,
+    D_PAD: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr,
     USE_WINDOW: tl.constexpr, USE_SOFT_CAP: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr,
 ):
     seq = tl.program_id(0)
@@ -155,8 +164,8 @@ def _split_decode_kernel(
         q = q.to(tl.float32)
     pos_q = tl.full([BLOCK_M], 0, tl.int32) + (seq_len - 1)  # every row is the sequence's last token
 
-    lo = split * BLOCKS_PER_SPLIT
-    hi = tl.minimum(lo + BLOCKS_PER_SPLIT, tl.cdiv(seq_len, BLOCK_SIZE))
+    lo = split * blocks_per_split
+    hi = tl.minimum(lo + blocks_per_split, tl.cdiv(seq_len, BLOCK_SIZE))
     if USE_WINDOW:
         lo = tl.maximum(lo, tl.maximum(seq_len - sliding_window, 0) // BLOCK_SIZE)
 
@@ -171,22 +180,32 @@ def _split_decode_kernel(
     tl.store(part_acc_ptr + row[:, None] * D_PAD + offs_d[None, :], acc, mask=row_ok[:, None])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_seqs", "num_splits"])
 def _split_reduce_kernel(
-    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, num_seqs, stride_ot, stride_oh,
-    NUM_HEADS: tl.constexpr, NUM_SPLITS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
+    out_ptr, part_acc_ptr, part_m_ptr, part_l_ptr, num_seqs, num_splits, stride_ot, stride_oh,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr,
 ):
+    """Combine one (sequence, head)'s `num_splits` partials. The split count is a runtime loop
+    bound, not a constexpr tile size: it changes with the context length (choose_num_splits),
+    and each new value would have been a new compile."""
     seq = tl.program_id(0)
     head = tl.program_id(1)
-    splits = tl.arange(0, NUM_SPLITS)
-    rows = (splits * num_seqs + seq).to(tl.int64) * NUM_HEADS + head
-    m = tl.load(part_m_ptr + rows)
-    l = tl.load(part_l_ptr + rows)
-    m_max = tl.max(m, 0)
-    weight = tl.exp(m - m_max)  # splits that saw no key have l = 0 and weigh nothing
+    first = seq.to(tl.int64) * NUM_HEADS + head  # partials: [splits, seqs, heads, (D_PAD)]
+    split_stride = num_seqs.to(tl.int64) * NUM_HEADS
+    m_max = tl.load(part_m_ptr + first)
+    for s in range(1, num_splits):
+        m_max = tl.maximum(m_max, tl.load(part_m_ptr + first + s * split_stride))
     offs_d = tl.arange(0, D_PAD)
-    acc = tl.load(part_acc_ptr + rows[:, None] * D_PAD + offs_d[None, :])
-    out = tl.sum(acc * weight[:, None], 0) / tl.sum(l * weight, 0)
+    # Splits that saw no key have l = 0 (and acc = 0) and weigh nothing.
+    weight = tl.exp(tl.load(part_m_ptr + first) - m_max)
+    l_sum = tl.load(part_l_ptr + first) * weight
+    acc = tl.load(part_acc_ptr + first * D_PAD + offs_d) * weight
+    for s in range(1, num_splits):
+        row = first + s * split_stride
+        weight = tl.exp(tl.load(part_m_ptr + row) - m_max)
+        l_sum += tl.load(part_l_ptr + row) * weight
+        acc += tl.load(part_acc_ptr + row * D_PAD + offs_d) * weight
+    out = acc / l_sum
     tl.store(out_ptr + seq.to(tl.int64) * stride_ot + head * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty),
              mask=offs_d < HEAD_DIM)
 
@@ -253,31 +272,36 @@ def unified_attention(out: torch.Tensor, q: torch.Tensor, key_cache: torch.Tenso
     if prog_seq.numel() == 0:
         return
     grid = (prog_seq.numel(), num_kv_heads)
-    _unified_attention_kernel[grid](
-        out, q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, prog_seq, prog_qoff,
-        scale, sliding_window or 0, logits_soft_cap or 1.0,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
-        GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, HEAD_DIM=head_dim, D_PAD=triton.next_power_of_2(head_dim),
-        BLOCK_SIZE=block_size, BLOCK_N=kv_sub_tile(block_size, head_dim, q.dtype), USE_WINDOW=bool(sliding_window),
-        USE_SOFT_CAP=logits_soft_cap is not None, **kernel_options(q.dtype),
-    )
+    with on_device_of(q):
+        _unified_attention_kernel[grid](
+            out, q, key_cache, value_cache, block_tables, seq_lens, query_start_loc, prog_seq, prog_qoff,
+            scale, sliding_window or 0, logits_soft_cap or 1.0,
+            q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+            key_cache.stride(0), key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
+            GROUP=group, BLOCK_M=block_m, BLOCK_Q=block_q, HEAD_DIM=head_dim,
+            D_PAD=triton.next_power_of_2(head_dim), BLOCK_SIZE=block_size,
+            BLOCK_N=kv_sub_tile(block_size, head_dim, q.dtype), USE_WINDOW=bool(sliding_window),
+            USE_SOFT_CAP=logits_soft_cap is not None, **kernel_options(q.dtype),
+        )
 
 
 def choose_num_splits(num_seqs: int, num_kv_heads: int, max_seq_len: int, block_size: int,
-                      num_sms: int | None = None) -> int:
+                      num_sms: int | None = None, device: torch.device | str | None = None) -> int:
     """Split-KV pays off when seqs x KV heads leave most SMs idle and contexts are long enough
-    to give each split several blocks; 1 means: use the unified kernel."""
+    to give each split several blocks; 1 means: use the unified kernel. The SM count is that of
+    `device` (pass the KV cache's device; None: the current CUDA device) unless `num_sms` is given;
+    a CPU device never splits."""
     if num_sms is None:
-        if not torch.cuda.is_available():
+        device = torch.device("cuda") if device is None else torch.device(device)
+        if device.type != "cuda" or not torch.cuda.is_available():
             return 1
-        num_sms = torch.cuda.get_device_properties(0).multi_processor_count
+        num_sms = torch.cuda.get_device_properties(device).multi_processor_count
     work = num_seqs * num_kv_heads
     if work >= num_sms or max_seq_len < 1024:
         return 1
     max_blocks = -(-max_seq_len // block_size)
     splits = min(triton.next_power_of_2(-(-2 * num_sms // work)), max(1, max_blocks // 8), 64)
-    return 1 << (splits.bit_length() - 1)  # a power of two for the reduction's tl.arange
+    return 1 << (splits.bit_length() - 1)  # powers of two: few distinct grids (and CUDA graphs) per batch size
 
 
 def split_kv_decode_attention(out: torch.Tensor, q: torch.Tensor, key_cache: torch.Tensor,
@@ -285,7 +309,8 @@ def split_kv_decode_attention(out: torch.Tensor, q: torch.Tensor, key_cache: tor
                               max_seq_len: int, scale: float, num_splits: int,
                               sliding_window: int | None = None, logits_soft_cap: float | None = None) -> None:
     """Decode attention (one query token per sequence, token i = sequence i) with each
-    sequence's KV blocks divided among `num_splits` (a power of two) programs."""
+    sequence's KV blocks divided among `num_splits` programs (any count; a split left without
+    blocks weighs nothing in the reduction)."""
     _check_soft_cap(logits_soft_cap)
     num_seqs, num_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = key_cache.shape
@@ -297,16 +322,16 @@ def split_kv_decode_attention(out: torch.Tensor, q: torch.Tensor, key_cache: tor
     part_m = torch.empty((num_splits, num_seqs, num_heads), dtype=torch.float32, device=q.device)
     part_l = torch.empty_like(part_m)
     options = kernel_options(q.dtype)
-    _split_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
-        part_acc, part_m, part_l, q, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window or 0,
-        logits_soft_cap or 1.0, num_seqs, q.stride(0), q.stride(1), key_cache.stride(0), key_cache.stride(1),
-        key_cache.stride(2), block_tables.stride(0),
-        NUM_HEADS=num_heads, GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_N=kv_sub_tile(block_size, head_dim, q.dtype),
-        BLOCKS_PER_SPLIT=blocks_per_split, USE_WINDOW=bool(sliding_window), USE_SOFT_CAP=logits_soft_cap is not None,
-        **options,
-    )
-    _split_reduce_kernel[(num_seqs, num_heads)](
-        out, part_acc, part_m, part_l, num_seqs, out.stride(0), out.stride(1),
-        NUM_HEADS=num_heads, NUM_SPLITS=num_splits, HEAD_DIM=head_dim, D_PAD=d_pad,
-    )
+    with on_device_of(q):
+        _split_decode_kernel[(num_seqs, num_kv_heads, num_splits)](
+            part_acc, part_m, part_l, q, key_cache, value_cache, block_tables, seq_lens, scale, sliding_window or 0,
+            logits_soft_cap or 1.0, num_seqs, blocks_per_split, q.stride(0), q.stride(1), key_cache.stride(0),
+            key_cache.stride(1), key_cache.stride(2), block_tables.stride(0),
+            NUM_HEADS=num_heads, GROUP=group, BLOCK_M=max(16, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+            D_PAD=d_pad, BLOCK_SIZE=block_size, BLOCK_N=kv_sub_tile(block_size, head_dim, q.dtype),
+            USE_WINDOW=bool(sliding_window), USE_SOFT_CAP=logits_soft_cap is not None, **options,
+        )
+        _split_reduce_kernel[(num_seqs, num_heads)](
+            out, part_acc, part_m, part_l, num_seqs, num_splits, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, D_PAD=d_pad,
+        )

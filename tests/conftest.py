@@ -6,13 +6,19 @@ from __future__ import annotations
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede any import of a @triton.jit module
+import torch
+
+# Triton kernels run compiled on CUDA and in the interpreter only where there is no GPU. Decided
+# before any @triton.jit module is imported: the decorator reads TRITON_INTERPRET at definition.
+HAVE_CUDA = torch.cuda.is_available()
+if not HAVE_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+TRITON_INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
@@ -32,6 +38,43 @@ TINY_MODELS: dict[str, dict[str, Any]] = {
                                max_shard_size="300KB"),
 }
 PARITY_MODELS = ["llama", "llama-mha", "mistral", "qwen2", "gpt2"]
+
+
+# The device axis: every test taking `device` (or `triton_device`) runs on the CPU and, marked
+# `gpu` (`pytest -m gpu` selects them), on CUDA where there is one; here the CUDA cases skip.
+DEVICES = [pytest.param("cpu", id="cpu"),
+           pytest.param("cuda", id="cuda", marks=[pytest.mark.gpu,
+                                                  pytest.mark.skipif(not HAVE_CUDA, reason="no CUDA device")])]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    """Where the test's tensors live: "cpu", or "cuda" (a `gpu` test) when a GPU is present."""
+    return request.param
+
+
+@pytest.fixture
+def triton_device(device: str) -> str:
+    """`device` for a test that runs Triton kernels: on the CPU only under the interpreter
+    (with a GPU present the kernels are compiled, and compiled kernels need CUDA tensors)."""
+    if device == "cpu" and not TRITON_INTERPRETING:
+        pytest.skip("Triton kernels run on the CPU only under TRITON_INTERPRET=1")
+    return device
+
+
+@pytest.fixture
+def to_device() -> Callable:
+    """to_device(batch, device): a `helpers.build_batch` tuple with its tensors (metadata
+    included) moved to `device`, for tests on the device axis."""
+    import dataclasses
+
+    def move(batch: tuple, device: str) -> tuple:
+        q, k, v, kc, vc, meta, tables = batch
+        meta = dataclasses.replace(meta, **{name: getattr(meta, name).to(device) for name in
+                                            ("slot_mapping", "query_start_loc", "seq_lens", "block_tables")})
+        return (*(t.to(device) for t in (q, k, v, kc, vc)), meta, tables)
+
+    return move
 
 
 def available_backends() -> list[str]:

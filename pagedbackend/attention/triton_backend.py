@@ -65,8 +65,8 @@ class TritonAttentionBackend(AttentionBackend):
         decode_only = meta.num_decodes == meta.num_seqs
         splits = 1
         if decode_only:
-            splits = self.force_num_splits or self._kernels.choose_num_splits(meta.num_seqs, num_kv_heads,
-                                                                              meta.max_seq_len, block_size)
+            splits = self.force_num_splits or self._kernels.choose_num_splits(
+                meta.num_seqs, num_kv_heads, meta.max_seq_len, block_size, device=key_cache.device)
         meta.backend_state = TritonAttentionState(splits)
 
     def forward(self, q, k, v, key_cache, value_cache, meta: AttentionMetadata, scale: float,
