@@ -1,4 +1,6 @@
-"""GPT-2: learned absolute positions, LayerNorm, fused c_attn, GELU MLP, tied LM head.
+"""GPT-2: learned absolute positions, LayerNorm, fused c_attn, GELU MLP, tied LM head. Blocks
+carry the residual stream beside the hidden state (see llama.py), so each residual add is
+fused into the next LayerNorm on the GPU path.
 
 Checkpoints store GPT-2's projections as `Conv1D` weights ([in, out]); they are transposed
 at load into ordinary linear weights ([out, in]).
@@ -10,6 +12,7 @@ import torch
 from torch import nn
 
 from pagedbackend.attention.layer import PagedAttention
+from pagedbackend.attention.metadata import AttentionMetadata
 from pagedbackend.models.config import ModelConfig
 from pagedbackend.distributed import divide, get_tp_size
 from pagedbackend.models.base import CausalLM
@@ -65,9 +68,18 @@ class GPT2Block(nn.Module):
         self.ln_2 = LayerNorm(hidden, eps=eps)
         self.mlp = GPT2MLP(mc)
 
-    def forward(self, h, meta):
-        h = h + self.attn(self.ln_1(h), meta)
-        return h + self.mlp(self.ln_2(h))
+    def forward(self, h: torch.Tensor, residual: torch.Tensor | None,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, residual) -> (MLP output, residual stream before it), as LlamaDecoderLayer: the
+        previous block's output is added into the residual by this block's ln_1 (one fused
+        kernel on the GPU path)."""
+        if residual is None:
+            residual = h
+            h = self.ln_1(h)
+        else:
+            h, residual = self.ln_1(h, residual)
+        h, residual = self.ln_2(self.attn(h, meta), residual)
+        return self.mlp(h), residual
 
 
 class GPT2LMHeadModel(CausalLM):
@@ -86,9 +98,13 @@ class GPT2LMHeadModel(CausalLM):
 
     def forward(self, input_ids, positions, meta):
         h = self.wte(input_ids) + self.wpe(positions)
+        residual = None
         for block in self.h:
-            h = block(h, meta)
-        return self.ln_f(h)
+            h, residual = block(h, residual, meta)
+        if residual is None:  # no blocks
+            return self.ln_f(h)
+        h, _ = self.ln_f(h, residual)
+        return h
 
     def compute_logits(self, hidden):
         return self.lm_head(hidden)

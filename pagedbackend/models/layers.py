@@ -6,11 +6,21 @@ and sums partial results across ranks. With one rank they are plain linear layer
 `load()` that takes a full checkpoint tensor and keeps this rank's slice, so the loading code
 does not change when tensor parallelism arrives. Fused projections (q/k/v, gate/up) are one
 matmul, which is also what makes them fast on CPU.
+
+Two code paths, chosen per tensor by `gpu_path()`: on CUDA the element-wise work of a decoder
+layer goes to the fused Triton kernels of pagedbackend.kernels.fused_ops (residual add + RMSNorm,
+SiLU-and-mul, in-place rotary: one launch each, where eager PyTorch needs up to eight); on the
+CPU it stays in PyTorch, in the operation order of transformers' reference so fp32 greedy
+tokens stay identical, with the temporaries done in place. `force_gpu_path()` runs the CUDA
+path on CPU tensors (Triton's interpreter, TRITON_INTERPRET=1): how tests check and count it.
 """
 
 from __future__ import annotations
 
 import math
+from contextlib import contextmanager
+from types import ModuleType
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +28,38 @@ from torch import nn
 
 from pagedbackend.distributed import (divide, get_tp_rank, get_tp_size, padded_vocab_size, tp_all_gather,
                                       tp_all_reduce)
+
+
+_FORCED_GPU_PATH = False
+_FUSED_OPS: ModuleType | None = None
+
+
+@contextmanager
+def force_gpu_path(enabled: bool = True) -> Iterator[None]:
+    """Within the block, CPU tensors take the CUDA code path: plain F.linear, Triton kernels
+    (which need TRITON_INTERPRET=1 on the CPU). Process-wide, for tests and launch counting."""
+    global _FORCED_GPU_PATH
+    previous, _FORCED_GPU_PATH = _FORCED_GPU_PATH, enabled
+    try:
+        yield
+    finally:
+        _FORCED_GPU_PATH = previous
+
+
+def gpu_path(x: torch.Tensor) -> bool:
+    """Whether `x` takes the CUDA code path (a CUDA tensor, or inside `force_gpu_path()`)."""
+    return x.is_cuda or _FORCED_GPU_PATH
+
+
+def fused_ops() -> ModuleType:
+    """pagedbackend.kernels.fused_ops, imported on first use: it needs triton, which CPU-only
+    installs may not have and never reach."""
+    global _FUSED_OPS
+    if _FUSED_OPS is None:
+        from pagedbackend.kernels import fused_ops as module
+
+        _FUSED_OPS = module
+    return _FUSED_OPS
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -29,7 +71,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     next linear layer consumes without a copy. On GPUs the plain form keeps each head's vector
     contiguous, which the attention kernels' loads need.
     """
-    if x.is_cuda:
+    if gpu_path(x):
         return F.linear(x, weight, bias)
     y = torch.mm(weight, x.t()).t()
     return y if bias is None else y + bias
@@ -85,6 +127,8 @@ class RowParallelLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(output_size), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if get_tp_size() == 1:  # the bias goes into the matmul (one addmm on CUDA), as in F.linear
+            return linear(x, self.weight, self.bias)
         y = tp_all_reduce(linear(x, self.weight))
         return y if self.bias is None else y + self.bias
 
@@ -168,36 +212,101 @@ class LMHead(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """Computed in fp32 and cast back, as Llama's reference does (matters for parity)."""
+    """Computed in fp32 and cast back, as Llama's reference does (matters for parity).
+
+    `forward(x)` normalises x (`[..., hidden]`); `forward(x, residual)` is the pre-norm
+    residual step `residual += x; return rms_norm(residual), residual` (vLLM's
+    fused_add_rms_norm), updating `residual` in place: one kernel on the GPU path, and on the
+    CPU no separate `h + x` tensor per layer. x itself may be overwritten (the GPU kernel
+    stores the normalised rows into it), so pass a tensor the caller no longer needs.
+    """
 
     def __init__(self, hidden_size: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(hidden_size), requires_grad=False)
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor,
+                residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if gpu_path(x):
+            kernels = fused_ops()
+            if x.stride(-1) != 1:
+                x = x.contiguous()
+            if residual is None:
+                return kernels.rms_norm(x, self.weight, self.eps)
+            return kernels.fused_add_rms_norm(x, residual, self.weight, self.eps)
+        if residual is None:
+            return self._torch_norm(x)
+        residual.add_(x)  # == residual + x, bit for bit (IEEE addition commutes)
+        return self._torch_norm(residual), residual
+
+    def _torch_norm(self, x: torch.Tensor) -> torch.Tensor:
+        """transformers' LlamaRMSNorm, same operations in the same order (the mean is the same
+        reduction, the products commute), with the [T, 1] temporaries and the weight product
+        done in place. Never writes to x (x.float() is x itself in fp32)."""
         dtype = x.dtype
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        scale = x32.pow(2).mean(-1, keepdim=True)
+        scale.add_(self.eps).rsqrt_()
+        y = (x32 * scale).to(dtype)
+        if self.weight.dtype == y.dtype:
+            return y.mul_(self.weight)
+        return self.weight * y  # the reference's type promotion, for a weight kept in another dtype
 
     def load(self, loaded: torch.Tensor, shard: int = 0, is_bias: bool = False, name: str = "") -> None:
         _copy(self.weight, loaded, name)
 
 
+def qk_norm_(qk: torch.Tensor, num_q_heads: int, q_norm: RMSNorm, k_norm: RMSNorm) -> torch.Tensor:
+    """Per-head RMSNorm of q and k (Qwen3), in place in `qk` (`[T, q_heads + k_heads, head_dim]`,
+    heads side by side as the qkv projection lays them out); returns qk. One kernel for both on
+    the GPU path (the norms share eps and differ only in weight), reading and writing the
+    projection where it lies."""
+    if gpu_path(qk):
+        if qk.stride(-1) != 1 or q_norm.eps != k_norm.eps:
+            raise ValueError("qk_norm_: needs unit-stride heads and one eps for q and k")
+        return fused_ops().rms_norm(qk, q_norm.weight, q_norm.eps, out=qk, second_weight=k_norm.weight,
+                                    split_head=num_q_heads)
+    q, k = qk[:, :num_q_heads], qk[:, num_q_heads:]
+    q.copy_(q_norm(q))
+    k.copy_(k_norm(k))
+    return qk
+
+
 class LayerNorm(nn.LayerNorm):
+    """nn.LayerNorm with the residual step of RMSNorm: `forward(x, residual)` is
+    `residual += x; return layer_norm(residual), residual`, one kernel on the GPU path (x may be
+    overwritten there); on the CPU the in-place add, then PyTorch's layer norm."""
+
+    def forward(self, x: torch.Tensor,
+                residual: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            return super().forward(x)
+        if gpu_path(x) and self.weight is not None and self.bias is not None:
+            return fused_ops().fused_add_layer_norm(x if x.stride(-1) == 1 else x.contiguous(), residual,
+                                                    self.weight, self.bias, self.eps)
+        residual.add_(x)  # == residual + x, bit for bit
+        return super().forward(residual), residual
+
     def load(self, loaded: torch.Tensor, shard: int = 0, is_bias: bool = False, name: str = "") -> None:
         _copy(self.bias if is_bias else self.weight, loaded, name)
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """SwiGLU on a fused [gate | up] projection."""
+    """SwiGLU on a fused [gate | up] projection, `[T, 2 * inter]` -> `[T, inter]`: one Triton
+    kernel on the GPU path; on the CPU silu(gate) then `* up` in place (the reference's
+    `act(gate) * up`, one temporary fewer)."""
+    if gpu_path(x):
+        return fused_ops().silu_and_mul(x if x.stride(-1) == 1 else x.contiguous())
     gate, up = x.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    return F.silu(gate).mul_(up)
 
 
 def gelu_new(x: torch.Tensor) -> torch.Tensor:
-    """GPT-2's tanh approximation of GELU."""
+    """GPT-2's tanh approximation of GELU. On the GPU path PyTorch's fused tanh-GELU, the same
+    formula in one kernel instead of seven; on the CPU transformers' NewGELU, op for op."""
+    if gpu_path(x):
+        return F.gelu(x, approximate="tanh")
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 

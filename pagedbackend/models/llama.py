@@ -1,7 +1,13 @@
 """Llama and the families built like it: Mistral (sliding window), Qwen2 (q/k/v bias, often
 tied embeddings) and Qwen3 (per-head RMSNorm of q and k before RoPE, no bias, optional sliding
 window per layer). One module, switched by config fields, as the architectures differ only in
-those details."""
+those details.
+
+The decoder layer carries the residual stream beside the hidden state, as vLLM does: each
+RMSNorm after the first is `residual += x; x = norm(residual)` (one kernel on the GPU path), q/k
+are rotated in place in the qkv projection, and SwiGLU is one kernel, so a layer issues about
+ten launches on CUDA (tests/test_launch_count.py) instead of 32 (bf16).
+"""
 
 from __future__ import annotations
 
@@ -13,9 +19,9 @@ from pagedbackend.attention.metadata import AttentionMetadata
 from pagedbackend.models.config import ModelConfig
 from pagedbackend.distributed import divide, get_tp_size, kv_head_split
 from pagedbackend.models.base import CausalLM
-from pagedbackend.models.layers import (ACTIVATIONS, ColumnParallelLinear, LMHead, RMSNorm,
-                                        RowParallelLinear, VocabEmbedding)
-from pagedbackend.models.rotary import RotaryEmbedding, rope_parameters
+from pagedbackend.models.layers import (ACTIVATIONS, ColumnParallelLinear, LMHead, RMSNorm, RowParallelLinear,
+                                        VocabEmbedding, qk_norm_, silu_and_mul)
+from pagedbackend.models.rotary import RopeInputs, RotaryEmbedding, rope_parameters
 
 
 def layer_sliding_windows(mc: ModelConfig) -> list[int | None]:
@@ -66,17 +72,14 @@ class LlamaAttention(nn.Module):
         self._split = [self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim,
                        self.num_kv_heads * self.head_dim]
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, rope: RopeInputs, x: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         t = x.shape[0]
         qkv = self.qkv_proj(x)
         q_size, kv_size = self._split[0], self._split[1]
-        if self.q_norm is None:
-            qk = qkv[:, :q_size + kv_size].view(t, self.num_heads + self.num_kv_heads, self.head_dim)
-        else:
-            qk = torch.cat([self.q_norm(qkv[:, :q_size].view(t, self.num_heads, self.head_dim)),
-                            self.k_norm(qkv[:, q_size:q_size + kv_size].view(t, self.num_kv_heads, self.head_dim))],
-                           dim=1)
-        qk = self.rotary.apply(qk, *rope)
+        qk = qkv[:, :q_size + kv_size].view(t, self.num_heads + self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            qk = qk_norm_(qk, self.num_heads, self.q_norm, self.k_norm)
+        qk = self.rotary.rotate(qk, rope)
         q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         v = qkv[:, q_size + kv_size:].view(t, self.num_kv_heads, self.head_dim)
         o = self.attn(q, k, v, meta)
@@ -91,13 +94,17 @@ class LlamaMLP(nn.Module):
         if act not in ACTIVATIONS:
             raise ValueError(f"model: hidden_act {act!r} is not supported; supported: {', '.join(ACTIVATIONS)}")
         self.act = ACTIVATIONS[act]
+        self.fused_silu = act == "silu"  # SwiGLU: silu_and_mul (one kernel on the GPU path)
         bias = bool(hf.get("mlp_bias", False))
         inter = hf.intermediate_size
         self.gate_up_proj = ColumnParallelLinear(hf.hidden_size, [inter, inter], bias=bias)
         self.down_proj = RowParallelLinear(inter, hf.hidden_size, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        gate_up = self.gate_up_proj(x)
+        if self.fused_silu:
+            return self.down_proj(silu_and_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)
         return self.down_proj(self.act(gate).mul_(up))
 
 
@@ -110,9 +117,19 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(mc.hf.hidden_size, eps)
         self.mlp = LlamaMLP(mc)
 
-    def forward(self, rope, h, meta):
-        h = h + self.self_attn(rope, self.input_layernorm(h), meta)
-        return h + self.mlp(self.post_attention_layernorm(h))
+    def forward(self, rope: RopeInputs, h: torch.Tensor, residual: torch.Tensor | None,
+                meta: AttentionMetadata) -> tuple[torch.Tensor, torch.Tensor]:
+        """(h, residual) -> (MLP output, residual stream before it): the previous layer's
+        output is added into the residual by this layer's first norm (None: h is the
+        embedding, and becomes the residual). Both tensors may be updated in place."""
+        if residual is None:
+            residual = h
+            h = self.input_layernorm(h)
+        else:
+            h, residual = self.input_layernorm(h, residual)
+        h = self.self_attn(rope, h, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class LlamaForCausalLM(CausalLM):
@@ -135,10 +152,14 @@ class LlamaForCausalLM(CausalLM):
 
     def forward(self, input_ids, positions, meta):
         h = self.embed_tokens(input_ids)
-        rope = self.rotary.cos_sin(positions, h.dtype)
+        rope = self.rotary.step_inputs(positions, h.dtype)
+        residual = None
         for layer in self.layers:
-            h = layer(rope, h, meta)
-        return self.norm(h)
+            h, residual = layer(rope, h, residual, meta)
+        if residual is None:  # no layers
+            return self.norm(h)
+        h, _ = self.norm(h, residual)
+        return h
 
     def compute_logits(self, hidden):
         return self.lm_head(hidden)

@@ -1,19 +1,25 @@
-"""Rotary position embedding (the rotate-half form Llama, Mistral and Qwen2 use).
+"""Rotary position embedding: the rotate-half (NeoX) form Llama, Mistral and Qwen2 use, and the
+interleaved (GPT-J) form, optionally on only the first `rotary_dim` dims of each head.
 
 cos/sin are computed once for every position up to `max_position`, in fp32 with the same
 operations as the reference implementation, then indexed by each token's position, so a token
 gets the same rotation whether it is in a prefill chunk, a decode step or a recompute.
+
+On the GPU path (pagedbackend.models.layers.gpu_path) one Triton kernel rotates the q and k
+heads in place in the qkv projection and reads the tables by position itself; on the CPU the
+step's cos/sin rows are gathered once and every layer rotates with six small PyTorch ops.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
 
 from pagedbackend.models.hf_config import HFConfig
+from pagedbackend.models.layers import fused_ops, gpu_path
 
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 
@@ -59,11 +65,22 @@ def inverse_frequencies(params: dict[str, Any], rotary_dim: int, max_position: i
     return inv_freq
 
 
+class RopeInputs(NamedTuple):
+    """One step's rotary inputs, made once and shared by every layer: the positions (all the
+    GPU kernel needs) and, on the CPU path, their cos/sin rows, `[T, 1, rotary_dim / 2]`."""
+
+    positions: torch.Tensor
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+
+
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, max_position: int, params: dict[str, Any], partial_rotary_factor: float = 1.0):
+    def __init__(self, head_dim: int, max_position: int, params: dict[str, Any], partial_rotary_factor: float = 1.0,
+                 is_neox_style: bool = True):
         super().__init__()
         self.head_dim = head_dim
         self.rotary_dim = int(head_dim * partial_rotary_factor)
+        self.is_neox_style = is_neox_style
         inv_freq = inverse_frequencies(params, self.rotary_dim, max_position)
         positions = torch.arange(max_position, dtype=torch.float32)
         freqs = positions[:, None] * inv_freq[None, :]  # [max_position, rotary_dim / 2]
@@ -71,22 +88,44 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("sin_cache", freqs.sin(), persistent=False)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for a step's tokens, [T, 1, rotary_dim / 2]; looked up once per step and
-        shared by every layer."""
+        """cos/sin for a step's tokens, [T, 1, rotary_dim / 2], cast to the model dtype as the
+        reference does."""
         return (self.cos_cache[positions].to(dtype).unsqueeze(1),
                 self.sin_cache[positions].to(dtype).unsqueeze(1))
 
-    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate x: [T, heads, head_dim] (q and k heads together, one pass). Pairs (i, i + d/2)
-        as the rotate-half reference does: [x1 cos - x2 sin, x2 cos + x1 sin]."""
-        half = self.rotary_dim // 2
-        # Row-major output (x may be a transposed view of the fused projection): attention
-        # kernels want each head's vector contiguous.
+    def step_inputs(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeInputs:
+        """What `rotate` needs for this step's tokens; build once per forward, not per layer."""
+        if gpu_path(positions):
+            return RopeInputs(positions)
+        return RopeInputs(positions, *self.cos_sin(positions, dtype))
+
+    def rotate(self, x: torch.Tensor, rope: RopeInputs) -> torch.Tensor:
+        """Rotate x: [T, heads, head_dim] (q and k heads together, one pass).
+
+        GPU path: in place (x is a view into the qkv projection, whose rows are already laid
+        out as the attention kernels read them); returns x. CPU path: into a new row-major
+        tensor, because there x is a transposed view of the projection (see layers.linear) and
+        the attention code wants each head's vector contiguous: the copy is fused with the
+        rotation."""
+        if gpu_path(x):
+            return fused_ops().rotary_embedding_(x, rope.positions, self.cos_cache, self.sin_cache, self.rotary_dim,
+                                                 self.is_neox_style)
+        assert rope.cos is not None and rope.sin is not None, "RopeInputs built for the GPU path"
+        return self._rotate_torch(x, rope.cos, rope.sin)
+
+    def _rotate_torch(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """[x1 cos - x2 sin, x2 cos + x1 sin] for each pair (x1, x2) of dims, in the reference's
+        float order (rotate_half: x * cos + cat(-x2, x1) * sin)."""
+        rot = self.rotary_dim
         out = torch.empty_like(x, memory_format=torch.contiguous_format)
-        if self.rotary_dim != self.head_dim:
-            out[..., self.rotary_dim:] = x[..., self.rotary_dim:]
-        x1, x2 = x[..., :half], x[..., half:self.rotary_dim]
-        o1, o2 = out[..., :half], out[..., half:self.rotary_dim]
+        if rot != self.head_dim:
+            out[..., rot:] = x[..., rot:]
+        if self.is_neox_style:  # pairs (i, i + rot / 2)
+            first, second = slice(0, rot // 2), slice(rot // 2, rot)
+        else:  # GPT-J: pairs (2i, 2i + 1)
+            first, second = slice(0, rot, 2), slice(1, rot, 2)
+        x1, x2 = x[..., first], x[..., second]
+        o1, o2 = out[..., first], out[..., second]
         torch.mul(x1, cos, out=o1)
         o1.sub_(x2 * sin)
         torch.mul(x2, cos, out=o2)
