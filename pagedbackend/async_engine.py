@@ -246,6 +246,7 @@ class AsyncLLMEngine:
         output thread with the stats snapshot taken right after."""
         core = self.core
         try:
+            self.engine.pin_thread_device()  # this thread launches the kernels from here on
             while True:
                 with self._cv:
                     while not self._commands and not self._stopping and not core.has_unfinished():

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
+import logging
 import os
 import re
 import sys
@@ -33,9 +34,12 @@ from pagedbackend.attention import ATTENTION_BACKEND_CHOICES, AUTO_PRIORITY, BAC
 from pagedbackend.models.config import DTYPE_NAMES, ModelConfig
 from pagedbackend.models.registry import SUPPORTED_ARCHITECTURES, has_native
 from pagedbackend.models.transformers_impl import causal_lm_class
+from pagedbackend.models.transformers_tp import check_tensor_parallel
 from pagedbackend.readme import replace_table
 from pagedbackend.models.hf_config import HFConfig
 from pagedbackend.scheduler import PREEMPTION_MODES, SCHEDULING_POLICIES
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = DTYPE_NAMES  # compatibility alias
 ATTENTION_BACKENDS = ATTENTION_BACKEND_CHOICES
@@ -175,7 +179,8 @@ class EngineArgs:
     dtype: str = setting(
         "auto", choices=("auto", *DTYPE_NAMES),
         help="`auto`, `float32`, `float16`, `bfloat16` (or `fp32`, `half`, `bf16`, ...); `auto` = the "
-             "checkpoint's dtype on GPU, float32 on CPU")
+             "checkpoint's dtype on GPU (a float32 checkpoint runs in bfloat16, float16 where the GPU has no "
+             "bfloat16, as vLLM does), float32 on CPU")
     device: str = setting("auto", check=_check_device, help="`auto`, `cpu`, `cuda`, `cuda:N`")
     block_size: int = setting(16, choices=BLOCK_SIZES,
                               help="tokens per KV block (" + ", ".join(map(str, BLOCK_SIZES)) + ")")
@@ -207,6 +212,11 @@ class EngineArgs:
              + ", ".join(" then ".join(f"`{b}`" for b in order) + f" on {device.upper()}"
                          for device, order in AUTO_PRIORITY.items())
              + " (else an error gives each backend's reason)")
+    enforce_eager: bool = setting(
+        False,
+        help="run every step eagerly: no CUDA graphs (by default decode-only steps on CUDA are padded to a "
+             "captured batch size, 1, 2, 4, then multiples of 8 up to `max_num_seqs`, and replayed as CUDA "
+             "graphs captured at start)")
     seed: int = setting(0, minimum=0, help="seed of the engine's sampler (per-request `seed` overrides)")
     tensor_parallel_size: int = setting(
         1, minimum=1,
@@ -346,12 +356,7 @@ class EngineArgs:
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ValueError(f"device={self.device!r} but no CUDA device is available (torch.cuda.is_available() is False)")
 
-        if self.dtype == "auto":
-            dtype = model_config.declared_dtype or torch.float32
-            if device == "cpu" and dtype != torch.float32:
-                dtype = torch.float32  # half-precision matmuls are far slower than fp32 on CPUs without AMX
-        else:
-            dtype = DTYPE_NAMES[self.dtype]
+        dtype = resolve_dtype(self.dtype, model_config.declared_dtype, device)
 
         max_pos = model_config.max_position_embeddings
         max_model_len = self.max_model_len or max_pos or DEFAULT_MAX_MODEL_LEN
@@ -372,8 +377,7 @@ class EngineArgs:
         model_impl = self._model_impl(model_config)
         tp = self.tensor_parallel_size
         if tp > 1 and model_impl == "transformers":
-            raise ValueError(f"tensor_parallel_size={tp}: the transformers path runs on one rank for now "
-                             f"({model_config.architecture}); use model_impl='native' where the architecture has it")
+            check_tensor_parallel(model_config, tp)  # the model's tensor-parallel plan, dry-run on the meta device
         parallel_config = ParallelConfig(tensor_parallel_size=tp,
                                          distributed_executor_backend=self._executor_backend(),
                                          distributed_timeout_s=float(self.distributed_timeout_s))
@@ -402,10 +406,49 @@ class EngineArgs:
             load_config=LoadConfig(load_format=self.load_format, model_impl=model_impl),
             tokenizer=str(self.tokenizer or model_config.path),
             attention_backend=backend,
+            enforce_eager=self.enforce_eager,
+            # CUDA graphs need fixed shapes: decode-only steps padded to a capture size. On the CPU
+            # both stay off (eager dynamic shapes are faster there; tests turn padding on).
+            padded_decode=device.startswith("cuda") and not self.enforce_eager,
+            cuda_graphs=device.startswith("cuda") and not self.enforce_eager,
             seed=self.seed,
             max_logprobs=self.max_logprobs,
             max_prompt_chars=self.max_prompt_chars,
         )
+
+
+def resolve_dtype(name: str, declared: torch.dtype | None, device: str) -> torch.dtype:
+    """The compute dtype for `dtype=name`. `auto` is vLLM's rule: the checkpoint's dtype, except
+    that a float32 (or undeclared) checkpoint runs in bfloat16 on a GPU (float32 gets no tensor
+    cores; float16 where the GPU lacks bfloat16), and everything runs in float32 on the CPU
+    (half-precision matmuls are far slower than fp32 on CPUs without AMX)."""
+    if name != "auto":
+        return DTYPE_NAMES[name]
+    if not device.startswith("cuda"):
+        return torch.float32
+    dtype = declared or torch.float32
+    if dtype == torch.float32:
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        logger.info("dtype='auto': the float32 checkpoint runs in %s on %s (give dtype='float32' to keep it)",
+                    _dtype_label(dtype), device)
+    return dtype
+
+
+def _dtype_label(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def cuda_graph_capture_sizes(max_num_seqs: int) -> tuple[int, ...]:
+    """The decode batch sizes captured as CUDA graphs (vLLM's default list): 1, 2, 4, then every
+    multiple of 8, up to the first that holds `max_num_seqs`. A decode step runs padded to the
+    smallest size that holds it, so padding wastes at most 7 rows, for one graph per size."""
+    sizes: list[int] = []
+    size = 1
+    while True:
+        sizes.append(size)
+        if size >= max_num_seqs:
+            return tuple(sizes)
+        size = size * 2 if size < 8 else size + 8
 
 
 def _type_args(hint: Any) -> tuple[tuple[type, ...], bool]:
@@ -560,6 +603,14 @@ class EngineConfig:
     seed: int = 0
     max_logprobs: int = 20
     max_prompt_chars: int | None = None
+    enforce_eager: bool = False
+    # Decode-only steps run on the model runner's persistent buffers, padded to a capture size
+    # (fixed shapes: what a CUDA graph replays). Resolved from the device and enforce_eager;
+    # tests set it on the CPU to run the padded path eagerly against the dynamic one.
+    padded_decode: bool = False
+    # Capture the padded decode steps as CUDA graphs at start (needs padded_decode, and an
+    # attention backend declaring supports_cuda_graphs; the runner logs when it has none).
+    cuda_graphs: bool = False
 
     # Flat views (not dataclass fields: no annotations).
     block_size = _Flat("cache_config")
@@ -587,9 +638,18 @@ class EngineConfig:
                              f"EngineConfig, got {self.attention_backend!r}")
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
             raise ValueError(f"tokenizer must be a path to a tokenizer directory, got {self.tokenizer!r}")
-        _validate_fields(self, "seed", "max_logprobs", "max_prompt_chars")
+        _validate_fields(self, "seed", "max_logprobs", "max_prompt_chars", "enforce_eager")
+        if self.cuda_graphs and not self.padded_decode:
+            raise ValueError("cuda_graphs needs padded_decode: a CUDA graph replays the padded decode step's fixed shapes")
+        if self.cuda_graphs and self.enforce_eager:
+            raise ValueError("cuda_graphs and enforce_eager contradict each other (enforce_eager: no CUDA graphs)")
         if self.preemption_mode == "swap" and self.swap_space == 0:
             raise ValueError("swap_space must be positive when preemption_mode is 'swap'")
+
+    @property
+    def cuda_graph_sizes(self) -> tuple[int, ...]:
+        """The decode batch sizes the padded path pads to (and, with cuda_graphs, captures)."""
+        return cuda_graph_capture_sizes(self.max_num_seqs)
 
 
 # ---------------------------------------------------------------------------- the README table

@@ -19,6 +19,7 @@ from pagedbackend.engine_core import EngineCore
 from pagedbackend.errors import InvalidRequest
 from pagedbackend.executor import make_executor
 from pagedbackend.metrics import EngineStats, StatsSnapshot
+from pagedbackend.model_runner import pin_device
 from pagedbackend.output_processor import OutputProcessor
 from pagedbackend.outputs import RequestOutput
 from pagedbackend.sampling_params import SamplingParams
@@ -77,6 +78,14 @@ class LLMEngine:
     @property
     def runner(self):
         return self.executor.runner
+
+    def pin_thread_device(self) -> None:
+        """Make the in-process runner's GPU the calling thread's current CUDA device. The thread
+        that steps the engine launches that rank's kernels, and Triton launches on the current
+        device (per thread, 0 by default), not the tensors'. A no-op off CUDA."""
+        runner = getattr(self.executor, "runner", None)
+        if runner is not None:
+            pin_device(runner.device)
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, progress: bool = True) -> "LLMEngine":

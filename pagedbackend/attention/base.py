@@ -42,6 +42,11 @@ class AttentionBackend:
     supports_logits_soft_cap: ClassVar[bool] = False
     # Query heads per KV head (GQA group), inclusive; None: any.
     max_queries_per_kv: ClassVar[int | None] = None
+    # Decode-only steps can be captured as CUDA graphs: for a `meta.cuda_graph` step, prepare()
+    # and forward() read only device tensors, with a launch structure fixed by num_seqs and
+    # the block_tables width (see AttentionMetadata.cuda_graph). False: the runner replays no
+    # graph with this backend (padded decode steps still run, eagerly).
+    supports_cuda_graphs: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ declarations
     @staticmethod

@@ -27,6 +27,8 @@ class CpuAttentionBackend(TorchAttentionBackend):
     supports_sliding_window = True
     supports_logits_soft_cap = True
     max_queries_per_kv = 64
+    # CPU only: never captured. (Its decode kernel sizes its scratch from seq_lens_host.)
+    supports_cuda_graphs = False
 
     def __init__(self, kernels: NativeKernels) -> None:
         super().__init__()

@@ -4,6 +4,10 @@ Decodes (one new token per sequence) are batched in chunks of similar length: on
 `index_select` gathers a chunk's context into `[kv_heads * seqs, tokens, head_dim]`, then two
 batched matmuls and a masked softmax, so all query heads sharing a KV head read its keys once
 (GQA without copies).
+In a CUDA-graph capture (`meta.cuda_graph`) the chunks are fixed instead: rows in equal
+slices, each gathering the whole block table (max_model_len, masked), so nothing depends on
+the step's lengths; that costs attention time that grows with max_model_len, not the context
+(this backend is the reference; the GPU default is triton).
 Prefill chunks run one `scaled_dot_product_attention` per sequence, reading cached context
 only when the chunk has any. With an attention-logit soft-cap (Gemma 2) the scores are made
 explicitly instead, as transformers' eager attention does: (q k^T * scale) / cap, tanh, * cap,
@@ -66,6 +70,9 @@ class _DecodeChunk:
     rows: torch.Tensor  # gather indices into the cache viewed as [num_blocks * H, block_size, D]
     length: int  # padded context length
     seq_lens: torch.Tensor
+    # Gather into fresh tensors, not the backend's cached buffers: inside a CUDA-graph capture
+    # those are graph-pool intermediates, which must not outlive the capture in the cache.
+    fresh_buffers: bool = False
     masks: dict = field(default_factory=dict)  # (window, heads, dtype) -> additive mask
 
     def bias(self, window: int | None, num_kv_heads: int, dtype: torch.dtype) -> torch.Tensor:
@@ -102,10 +109,14 @@ class TorchAttentionBackend(AttentionBackend):
     block_sizes = None
     supports_sliding_window = True
     supports_logits_soft_cap = True
+    supports_cuda_graphs = True  # decode in fixed chunks over the full block table (see the module doc)
     # Gathered K (and V) bytes per decode chunk: small enough to still be in L2/L3 when the
     # matmul reads it back. Measured on the 2-core dev box (64 seqs, 64-384 tokens): chunks
     # of ~8 sequences ran decode attention in 5.5 ms/layer against 8.8 ms for one big gather.
     CHUNK_BYTES = 2 << 20
+    # The same for a captured decode step, whose chunks span max_model_len: larger, so a graph
+    # of 256 rows is tens of gathers, not hundreds.
+    GRAPH_CHUNK_BYTES = 64 << 20
 
     def __init__(self) -> None:
         # Gather buffers reused across layers and steps: allocating fresh ones each layer costs
@@ -120,23 +131,46 @@ class TorchAttentionBackend(AttentionBackend):
                                                  self._decode_chunks(meta, key_cache))
 
     def _decode_chunks(self, meta: AttentionMetadata, key_cache: torch.Tensor) -> list[_DecodeChunk]:
+        if meta.cuda_graph:
+            return self._static_decode_chunks(meta, key_cache)
         _, num_kv_heads, block_size, head_dim = key_cache.shape
         budget = max(block_size, self.CHUNK_BYTES // (num_kv_heads * head_dim * key_cache.element_size()))
         lens = meta.seq_lens_host
-        heads = torch.arange(num_kv_heads, device=meta.block_tables.device)
         chunks = []
         start = 0
         while start < meta.num_decodes:
-            end = start + 1
-            while end < meta.num_decodes and (end + 1 - start) * lens[end] <= budget:
+            # A chunk is padded to its longest row. The runner sorts decodes by length, except
+            # a padded decode step's padding rows (length 1) at the end: hence the running max.
+            end, longest = start + 1, lens[start]
+            while end < meta.num_decodes and (end + 1 - start) * max(longest, lens[end]) <= budget:
+                longest = max(longest, lens[end])
                 end += 1
-            num_blocks = -(-lens[end - 1] // block_size)
-            bt = meta.block_tables[start:end, :num_blocks].long()
-            # Head-major rows, so the gather lands as [H, seqs, tokens, D].
-            rows = (bt[None] * num_kv_heads + heads[:, None, None]).reshape(-1)
-            chunks.append(_DecodeChunk(start, end, rows, num_blocks * block_size, meta.seq_lens[start:end].long()))
+            chunks.append(self._chunk(meta, start, end, -(-longest // block_size), key_cache))
             start = end
         return chunks
+
+    def _static_decode_chunks(self, meta: AttentionMetadata, key_cache: torch.Tensor) -> list[_DecodeChunk]:
+        """A captured step's chunks: equal row slices over the whole block-table width, a
+        structure that depends on the batch's shapes only (the lengths are in the mask)."""
+        _, num_kv_heads, block_size, head_dim = key_cache.shape
+        num_blocks = meta.block_tables.shape[1]
+        row_bytes = num_kv_heads * num_blocks * block_size * head_dim * key_cache.element_size()
+        per_chunk = max(1, self.GRAPH_CHUNK_BYTES // row_bytes)
+        return [self._chunk(meta, start, min(start + per_chunk, meta.num_decodes), num_blocks, key_cache,
+                            fresh_buffers=True)
+                for start in range(0, meta.num_decodes, per_chunk)]
+
+    @staticmethod
+    def _chunk(meta: AttentionMetadata, start: int, end: int, num_blocks: int, key_cache: torch.Tensor,
+               fresh_buffers: bool = False) -> _DecodeChunk:
+        """Decode rows [start, end), each gathering its first `num_blocks` blocks."""
+        _, num_kv_heads, block_size, _ = key_cache.shape
+        bt = meta.block_tables[start:end, :num_blocks].long()
+        heads = torch.arange(num_kv_heads, device=bt.device)
+        # Head-major rows, so the gather lands as [H, seqs, tokens, D].
+        rows = (bt[None] * num_kv_heads + heads[:, None, None]).reshape(-1)
+        return _DecodeChunk(start, end, rows, num_blocks * block_size, meta.seq_lens[start:end].long(),
+                            fresh_buffers=fresh_buffers)
 
     def _buffer(self, tag: str, like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
         key = (tag, like.device, like.dtype)
@@ -183,10 +217,14 @@ class TorchAttentionBackend(AttentionBackend):
         rows = chunk.rows
         length = chunk.length
         shape = (rows.numel(), block_size, head_dim)
-        keys = torch.index_select(key_cache.view(-1, block_size, head_dim), 0, rows,
-                                  out=self._buffer("k", key_cache, shape))
-        values = torch.index_select(value_cache.view(-1, block_size, head_dim), 0, rows,
-                                    out=self._buffer("v", value_cache, shape))
+        if chunk.fresh_buffers:
+            keys = torch.index_select(key_cache.view(-1, block_size, head_dim), 0, rows)
+            values = torch.index_select(value_cache.view(-1, block_size, head_dim), 0, rows)
+        else:
+            keys = torch.index_select(key_cache.view(-1, block_size, head_dim), 0, rows,
+                                      out=self._buffer("k", key_cache, shape))
+            values = torch.index_select(value_cache.view(-1, block_size, head_dim), 0, rows,
+                                        out=self._buffer("v", value_cache, shape))
         keys = keys.view(num_kv_heads * nd, length, head_dim)
         values = values.view(num_kv_heads * nd, length, head_dim)
         qh = q.view(nd, num_kv_heads, group, head_dim).transpose(0, 1).reshape(num_kv_heads * nd, group, head_dim)
