@@ -287,22 +287,3 @@ def test_fused_kernels_compile_for_sm90_without_register_spills():
     assert len(results) == 14  # 7 launches x 2 dtypes
     for name, usage in results:
         assert usage and all("LOCAL:0 " in line for line in usage), (name, usage)
-
-
-@pytest.mark.parametrize("rows", [1, 7, 64])
-@pytest.mark.parametrize("with_bias", [False, True])
-def test_cpu_fp32_linear_goes_through_onednn_and_matches_a_float64_reference(rows, with_bias, monkeypatch):
-    from pagedbackend.models import layers
-
-    assert layers._ONEDNN_LINEAR  # the CPU wheel this project pins ships oneDNN
-    calls = []
-    onednn = torch.ops.mkldnn._linear_pointwise
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or onednn(*a))
-    g = torch.Generator().manual_seed(rows)
-    x = torch.randn(rows, 96, generator=g)
-    w = torch.randn(80, 96, generator=g)
-    b = torch.randn(80, generator=g) if with_bias else None
-    y = layers.linear(x, w, b)
-    ref = x.double() @ w.double().t() + (b.double() if with_bias else 0)
-    assert calls and y.shape == (rows, 80) and y.dtype == torch.float32
-    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5

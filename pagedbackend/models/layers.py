@@ -62,25 +62,17 @@ def fused_ops() -> ModuleType:
     return _FUSED_OPS
 
 
-# oneDNN's fp32 GEMM (torch's mkldnn linear, what vLLM's CPU build uses): ~2x the rate of the
-# BLAS behind torch.mm on the dev box's AMD EPYC at this engine's shapes (decode batches of
-# 8-256 rows, prefills of 2k; benchmarks/RESULTS.md), same ~1e-6 relative error.
-_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ W^T (+ b). On the CPU in fp32 through oneDNN; otherwise on the CPU as (W @ x^T)^T.
+    """x @ W^T (+ b); on the CPU computed as (W @ x^T)^T.
 
-    The transposed form has the CPU BLAS see the weight's many output rows as M and the few
-    tokens of a decode step as N: 1.3-1.5x faster than the plain form for batches of 32-128
-    tokens; its result is a transposed view, which the next linear layer consumes without a
-    copy. On GPUs the plain form keeps each head's vector contiguous, which the attention
-    kernels' loads need.
+    Same product, but the CPU BLAS then sees the weight's many output rows as M and the few
+    tokens of a decode step as N: 1.3-1.5x faster for batches of 32-128 tokens (and no slower
+    for long prefills), measured on the dev box. The result is a transposed view, which the
+    next linear layer consumes without a copy. On GPUs the plain form keeps each head's vector
+    contiguous, which the attention kernels' loads need.
     """
     if gpu_path(x):
         return F.linear(x, weight, bias)
-    if _ONEDNN_LINEAR and x.dtype == torch.float32 and x.dim() == 2:
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     y = torch.mm(weight, x.t()).t()
     return y if bias is None else y + bias
 
