@@ -25,6 +25,8 @@ tensors against float64 references, and compile them for sm_90 to check for spil
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -197,42 +199,34 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tenso
     return out
 
 
+def _fused_add_norm(name: str, kernel: Any, x: torch.Tensor, residual: torch.Tensor, params: tuple,
+                    eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch a fused residual-add + norm kernel over `[T, D]` rows, in place."""
+    _check_rows(f"{name} x", x)
+    _check_rows(f"{name} residual", residual)
+    if x.shape != residual.shape or x.dim() != 2:
+        raise ValueError(f"{name}: x {tuple(x.shape)} and residual {tuple(residual.shape)} must both be [T, D]")
+    num_tokens, n_cols = x.shape
+    if num_tokens:
+        block = triton.next_power_of_2(n_cols)
+        with on_device_of(x):
+            kernel[(num_tokens,)](x, residual, *params, n_cols, eps, x.stride(0), residual.stride(0),
+                                  BLOCK=block, num_warps=_num_warps(block))
+    return x, residual
+
+
 def fused_add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                        eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """`residual += x`, then `x = rms_norm(residual)`, in one launch and in place (vLLM's
     semantics): returns `(x, residual)`, the same tensors, updated. Both `[T, D]`."""
-    _check_rows("fused_add_rms_norm x", x)
-    _check_rows("fused_add_rms_norm residual", residual)
-    if x.shape != residual.shape or x.dim() != 2:
-        raise ValueError(f"fused_add_rms_norm: x {tuple(x.shape)} and residual {tuple(residual.shape)} "
-                         "must both be [T, D]")
-    num_tokens, n_cols = x.shape
-    if num_tokens:
-        with on_device_of(x):
-            _fused_add_rms_norm_kernel[(num_tokens,)](
-                x, residual, weight, n_cols, eps, x.stride(0), residual.stride(0),
-                BLOCK=triton.next_power_of_2(n_cols), num_warps=_num_warps(triton.next_power_of_2(n_cols)),
-            )
-    return x, residual
+    return _fused_add_norm("fused_add_rms_norm", _fused_add_rms_norm_kernel, x, residual, (weight,), eps)
 
 
 def fused_add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                          eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """`residual += x`, then `x = layer_norm(residual) * weight + bias`, in one launch and in
     place: returns `(x, residual)`, the same tensors, updated. Both `[T, D]`."""
-    _check_rows("fused_add_layer_norm x", x)
-    _check_rows("fused_add_layer_norm residual", residual)
-    if x.shape != residual.shape or x.dim() != 2:
-        raise ValueError(f"fused_add_layer_norm: x {tuple(x.shape)} and residual {tuple(residual.shape)} "
-                         "must both be [T, D]")
-    num_tokens, n_cols = x.shape
-    if num_tokens:
-        with on_device_of(x):
-            _fused_add_layer_norm_kernel[(num_tokens,)](
-                x, residual, weight, bias, n_cols, eps, x.stride(0), residual.stride(0),
-                BLOCK=triton.next_power_of_2(n_cols), num_warps=_num_warps(triton.next_power_of_2(n_cols)),
-            )
-    return x, residual
+    return _fused_add_norm("fused_add_layer_norm", _fused_add_layer_norm_kernel, x, residual, (weight, bias), eps)
 
 
 def rotary_embedding_(x: torch.Tensor, positions: torch.Tensor, cos_cache: torch.Tensor, sin_cache: torch.Tensor,

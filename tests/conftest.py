@@ -114,13 +114,19 @@ def make_engine():
 
     engines: list[LLMEngine] = []
 
-    def make(model: Path | str, kind: str = "engine", **kwargs):
+    def make(model: Path | str, kind: str = "engine", config_overrides: dict | None = None, **kwargs):
+        """`config_overrides`: EngineConfig fields set after it is built (paths no EngineArgs
+        field selects on this machine, e.g. the padded decode path on the CPU)."""
         kwargs.setdefault("seed", 0)
         if kind == "llm":
+            assert not config_overrides, "config_overrides apply to kind='engine'"
             llm = LLM(str(model), **kwargs)
             engines.append(llm.llm_engine)
             return llm
-        engine = LLMEngine.from_engine_args(EngineArgs(model=str(model), **kwargs), progress=False)
+        config = EngineArgs(model=str(model), **kwargs).create_engine_config()
+        for name, value in (config_overrides or {}).items():
+            setattr(config, name, value)
+        engine = LLMEngine(config, progress=False)
         engines.append(engine)
         return engine
 

@@ -14,7 +14,7 @@ import torch
 
 from conftest import PARITY_MODELS, available_backends
 from helpers import hf_greedy, random_prompts
-from pagedbackend import EngineArgs, LLMEngine, SamplingParams
+from pagedbackend import LLMEngine, SamplingParams
 from pagedbackend import model_runner
 from pagedbackend.attention.triton_backend import TritonAttentionBackend
 from pagedbackend.config import cuda_graph_capture_sizes
@@ -33,26 +33,14 @@ def _matrix(names, backends):
 
 
 @pytest.fixture
-def make_padded_engine():
+def make_padded_engine(make_engine):
     """LLMEngines with padded decode forced on (and CUDA graphs, with `cuda_graphs=True`);
-    every block free after the test."""
-    engines: list[LLMEngine] = []
+    every block free after the test (conftest's `make_engine`)."""
 
     def make(model, cuda_graphs: bool = False, **kwargs) -> LLMEngine:
-        config = EngineArgs(model=str(model), seed=0, **kwargs).create_engine_config()
-        config.padded_decode = True
-        config.cuda_graphs = cuda_graphs
-        engine = LLMEngine(config, progress=False)
-        engines.append(engine)
-        return engine
+        return make_engine(model, config_overrides={"padded_decode": True, "cuda_graphs": cuda_graphs}, **kwargs)
 
-    try:
-        yield make
-        for engine in engines:
-            engine.check_all_blocks_free()
-    finally:
-        for engine in engines:
-            engine.shutdown()
+    return make
 
 
 def _spy_on_padding(monkeypatch, engine: LLMEngine) -> Counter:
