@@ -29,6 +29,7 @@ from pagedbackend.attention import get_attention_backend
 from pagedbackend.attention.metadata import AttentionMetadata
 from pagedbackend.config import EngineConfig
 from pagedbackend.distributed import rank_device, ranks_agree, tp_min
+from pagedbackend.host_upload import HostUpload
 from pagedbackend.input_batch import InputBatch, StepInputs
 from pagedbackend.models.loader import load_model
 from pagedbackend.sampler import Sampler, SamplingBatch, gather_logprobs
@@ -229,17 +230,20 @@ class ModelRunner:
             step = self.batch.prepare(out)
             size = self._padded_size(step)
             if size is None:
-                input_ids, positions, meta = self._tensors(step)
+                input_ids, positions, meta, logits_indices = self._tensors(step)
             else:
                 meta = self.padded.fill(step, size)
                 input_ids, positions = self.padded.input_ids[:size], self.padded.positions[:size]
+                up = HostUpload()
+                up.add("logits_indices", step.logits_indices)  # a fork repeats its parent's row
+                logits_indices = up.send(self.device, one_copy=self.device.type != "cpu")["logits_indices"]
         replay = self._graphs.get(size) if size is not None else None
         if replay is not None:
             replay()  # reads the buffers fill() just wrote
             hidden = self._graph_hidden[:size]
         else:
             hidden = self._forward(input_ids, positions, meta)
-        logits = self.model.compute_logits(hidden[torch.from_numpy(step.logits_indices).to(self.device)])
+        logits = self.model.compute_logits(hidden[logits_indices])
         seq_ids = out.sampled_seq_ids()
         sampled = self.sampler(logits, self._sampling_batch(out, step, seq_ids))
         self._append_sampled(out, step, sampled.tokens)
@@ -310,23 +314,31 @@ class ModelRunner:
             start += len(rows)
         return result
 
-    def _tensors(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """The step's arrays as device tensors, one copy each."""
-        dev = self.device
+    def _tensors(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
+        """The step's arrays as device tensors: input ids, positions, attention metadata and the
+        rows to compute logits for. On CUDA they travel as one pinned buffer, one copy that
+        does not block (a pageable copy per array would each wait for the stream); on the CPU
+        they are wrapped where they lie."""
+        up = HostUpload()
+        for name in ("input_ids", "positions", "slot_mapping", "block_tables", "logits_indices"):
+            up.add(name, getattr(step, name))
+        up.add("query_start_loc", step.query_start_loc.astype(np.int32))
+        up.add("seq_lens", step.seq_lens.astype(np.int32))
+        t = up.send(self.device, one_copy=self.device.type != "cpu")
         meta = AttentionMetadata(
             num_decodes=step.num_decodes,
             num_seqs=len(step.seq_lens),
             num_tokens=len(step.input_ids),
-            slot_mapping=torch.from_numpy(step.slot_mapping).to(dev),
-            query_start_loc=torch.from_numpy(step.query_start_loc.astype(np.int32)).to(dev),
-            seq_lens=torch.from_numpy(step.seq_lens.astype(np.int32)).to(dev),
-            block_tables=torch.from_numpy(step.block_tables).to(dev),
+            slot_mapping=t["slot_mapping"],
+            query_start_loc=t["query_start_loc"],
+            seq_lens=t["seq_lens"],
+            block_tables=t["block_tables"],
             max_query_len=int((step.query_start_loc[1:] - step.query_start_loc[:-1]).max()),
             max_seq_len=int(step.seq_lens.max()),
             query_start_loc_host=step.query_start_loc.tolist(),
             seq_lens_host=step.seq_lens.tolist(),
         )
-        return torch.from_numpy(step.input_ids).to(dev), torch.from_numpy(step.positions).to(dev), meta
+        return t["input_ids"], t["positions"], meta, t["logits_indices"]
 
 
 # ---------------------------------------------------------------------------- padded decode inputs

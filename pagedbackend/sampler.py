@@ -17,7 +17,7 @@ waits for the device once, when the results come back.
   (`int(t)`, `t.item()`, `if t.any()` each wait for every queued kernel).
 - Everything a step sends to the device (per-row settings, index lists of masks, bias,
   penalties) travels in one byte buffer, pinned and copied without blocking on CUDA
-  (`_Upload`); a plain `torch.tensor(list, device=...)` or indexing with a Python list makes
+  (`HostUpload`); a plain `torch.tensor(list, device=...)` or indexing with a Python list makes
   a blocking copy, which on CUDA synchronises the stream.
 - Everything that comes back (tokens, the chosen tokens' logprobs and ranks, top-logprob
   alternatives, beam candidates) is packed into one tensor and copied to the host once
@@ -41,12 +41,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from pagedbackend.host_upload import HostUpload
 from pagedbackend.step import TokenLogprobs
 
 __all__ = ["PenaltyState", "PromptLogprobRequest", "Sampler", "SamplerOutput", "SamplingBatch", "TokenLogprobs",
            "apply_penalties", "gather_logprobs"]
 
-_ALIGN = 8  # bytes: every array in an upload buffer starts where an int64 / float64 view may start
 
 
 @dataclass
@@ -109,44 +109,6 @@ class SamplerOutput:
     prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)
 
 
-class _Upload:
-    """Host arrays bound for the device, sent as one buffer: one host-to-device copy per step
-    instead of one per array. On CUDA the buffer is pinned and the copy does not block (a
-    pageable or blocking copy synchronises the stream: the host would wait for the forward pass
-    before queueing the sampler). The caching host allocator keeps a pinned buffer until the
-    copy that reads it has finished, so a later step never overwrites one in flight."""
-
-    def __init__(self) -> None:
-        self._arrays: dict[str, np.ndarray] = {}
-
-    def add(self, name: str, array: np.ndarray) -> None:
-        self._arrays[name] = np.ascontiguousarray(array)
-
-    def send(self, device: torch.device, one_copy: bool) -> dict[str, torch.Tensor]:
-        """The arrays as device tensors. `one_copy` False (a CPU device's fast path): each
-        array is wrapped where it lies, nothing is copied."""
-        if not one_copy:
-            return {name: torch.from_numpy(a) for name, a in self._arrays.items()}
-        offsets, size = {}, 0
-        for name, a in self._arrays.items():
-            offsets[name] = size
-            size += -(-a.nbytes // _ALIGN) * _ALIGN
-        buf = np.empty(max(size, _ALIGN), dtype=np.uint8)
-        for name, a in self._arrays.items():
-            buf[offsets[name]:offsets[name] + a.nbytes] = a.reshape(-1).view(np.uint8)
-        host = torch.from_numpy(buf)
-        if device.type == "cuda":
-            host = host.pin_memory()  # from the caching host allocator: no cudaHostAlloc per step
-        dev = host.to(device, non_blocking=True)
-        out = {}
-        for name, a in self._arrays.items():
-            start = offsets[name]
-            dtype = _TORCH_DTYPES[a.dtype.type]
-            out[name] = dev[start:start + a.nbytes].view(dtype).view(a.shape)
-        return out
-
-
-_TORCH_DTYPES = {np.int64: torch.int64, np.float32: torch.float32, np.bool_: torch.bool}
 
 
 class PenaltyState:
@@ -283,7 +245,7 @@ class Sampler:
         everything in one upload and brings the penalty counts up to date (so the counts are
         right whether or not this batch is then sampled)."""
         num_rows = len(temps)
-        up = _Upload()
+        up = HostUpload()
         banned_rows: list[int] = []
         banned_tokens: list[int] = []
         allowed_rows: list[int] = []

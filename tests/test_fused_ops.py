@@ -287,3 +287,67 @@ def test_fused_kernels_compile_for_sm90_without_register_spills():
     assert len(results) == 14  # 7 launches x 2 dtypes
     for name, usage in results:
         assert usage and all("LOCAL:0 " in line for line in usage), (name, usage)
+
+
+@pytest.mark.parametrize("rows", [1, 7, 16, 17, 64, 130])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_cpu_fp32_linear_goes_through_onednn_and_matches_a_float64_reference(rows, with_bias, monkeypatch):
+    from pagedbackend.models import layers
+
+    assert layers.ONEDNN_LINEAR  # the CPU wheel this project pins ships oneDNN
+    seen = []
+    onednn = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda x, *a: seen.append(x.shape[0]) or onednn(x, *a))
+    g = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 96, generator=g)
+    w = torch.randn(80, 96, generator=g)
+    b = torch.randn(80, generator=g) if with_bias else None
+    y = layers.linear(x, w, b)
+    ref = x.double() @ w.double().t() + (b.double() if with_bias else 0)
+    assert seen == [layers.onednn_rows(rows)] and y.shape == (rows, 80) and y.dtype == torch.float32
+    assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    # A transposed (non-contiguous) input gives the same product.
+    yt = layers.linear(x.t().contiguous().t(), w, b)
+    assert torch.equal(yt, y)
+
+
+def test_onednn_sees_a_bounded_set_of_row_counts_with_at_most_an_eighth_padding(monkeypatch):
+    """oneDNN keeps memory per distinct GEMM shape it has seen (RSS grew ~3.9 MiB per new row
+    count, without bound, in the soak): every token count up to the budget must map onto few."""
+    from pagedbackend.models import layers
+
+    seen = set()
+    onednn = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda x, *a: seen.add(x.shape[0]) or onednn(x, *a))
+    w = torch.randn(24, 8)
+    for rows in range(1, 2049):
+        assert layers.linear(torch.randn(rows, 8), w).shape == (rows, 24)
+        padded = layers.onednn_rows(rows)
+        assert padded >= rows and (rows <= 128 or (padded - rows) * 8 <= rows)
+    assert len(seen) == 55
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_loaded_cpu_fp32_linears_are_packed_for_onednn_except_a_tied_lm_head(name, model_dir, make_engine):
+    """Packed (oneDNN-blocked) weights replace the plain ones after loading; an LM head tied to
+    the embedding keeps the plain tensor the embedding lookup reads. qwen2's tiny model is tied."""
+    from pagedbackend.models.layers import ColumnParallelLinear, LMHead, RowParallelLinear
+
+    engine = make_engine(model_dir(name), dtype="float32")
+    model = engine.executor.runner.model
+    linears = [m for m in model.modules() if isinstance(m, (ColumnParallelLinear, RowParallelLinear))]
+    assert linears and all(m.weight.is_mkldnn for m in linears)
+    head = next(m for m in model.modules() if isinstance(m, LMHead))
+    assert head.weight.is_mkldnn != head.tied
+    if head.tied:
+        assert head.weight is model.embed_tokens.weight
+    # A packed weight gives the plain weight's product (float64 reference).
+    layer = linears[0]
+    g = torch.Generator().manual_seed(1)
+    for rows in (1, 5, 64, 300):
+        x = torch.randn(rows, layer.input_size, generator=g)
+        ref = x.double() @ layer.weight.to_dense().double().t()
+        if layer.bias is not None:
+            ref += layer.bias.double()
+        y = layer(x)
+        assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5

@@ -88,3 +88,28 @@ def test_enforce_eager_and_the_cpu_leave_decode_unpadded(model_dir):
         dataclasses.replace(cpu, cuda_graphs=True)
     with pytest.raises(ValueError, match="contradict"):
         dataclasses.replace(eager, padded_decode=True, cuda_graphs=True)
+
+
+def test_an_eager_step_sends_its_inputs_to_the_device_in_one_upload(model_dir, make_engine, monkeypatch):
+    """ids, positions, the attention metadata and the logits rows travel as one buffer (on
+    CUDA one pinned, non-blocking copy), not one pageable copy each; on the CPU as views."""
+    from pagedbackend import host_upload
+
+    sends = []
+    real_send = host_upload.HostUpload.send
+
+    def send(self, device, one_copy):
+        out = real_send(self, device, one_copy)
+        sends.append((sorted(out), one_copy))
+        return out
+
+    monkeypatch.setattr(host_upload.HostUpload, "send", send)
+    engine = make_engine(model_dir("llama"))
+    engine.add_request("a", {"prompt_token_ids": list(range(5, 40))}, SamplingParams(temperature=0, max_tokens=3))
+    while engine.has_unfinished_requests():
+        engine.step()
+    inputs = [names for names, _ in sends if "input_ids" in names]
+    assert len(inputs) == 3  # one per step: the prefill and two decodes
+    assert all(names == ["block_tables", "input_ids", "logits_indices", "positions", "query_start_loc",
+                         "seq_lens", "slot_mapping"] for names in inputs)
+    assert all(not one_copy for _, one_copy in sends)  # the CPU wraps its arrays where they lie

@@ -25,7 +25,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from pagedbackend import SamplingParams
 from pagedbackend.input_batch import RowView
-from pagedbackend.sampler import PenaltyState, PromptLogprobRequest, Sampler, _Upload, gather_logprobs
+from pagedbackend.host_upload import HostUpload
+from pagedbackend.sampler import PenaltyState, PromptLogprobRequest, Sampler, gather_logprobs
 from pagedbackend.sequence import Sequence
 
 VOCAB = 500
@@ -399,7 +400,7 @@ def test_the_one_upload_buffer_gives_back_every_array():
     arrays = {"a": np.arange(5, dtype=np.int64), "b": np.array([0.5, -1.25, 3.0], dtype=np.float32),
               "c": np.array([True, False, True]), "empty": np.zeros(0, dtype=np.int64),
               "d": np.arange(6, dtype=np.float32).reshape(2, 3)}
-    up = _Upload()
+    up = HostUpload()
     for name, a in arrays.items():
         up.add(name, a)
     got = up.send(torch.device("cpu"), one_copy=True)

@@ -9,7 +9,8 @@ slices, each gathering the whole block table (max_model_len, masked), so nothing
 the step's lengths; that costs attention time that grows with max_model_len, not the context
 (this backend is the reference; the GPU default is triton).
 Prefill chunks run one `scaled_dot_product_attention` per sequence, reading cached context
-only when the chunk has any. With an attention-logit soft-cap (Gemma 2) the scores are made
+only when the chunk has any; 4-D and with grouped heads passed as such (`enable_gqa`), which
+is what lets torch's CPU SDPA take its fused flash kernel instead of bmm + softmax. With an attention-logit soft-cap (Gemma 2) the scores are made
 explicitly instead, as transformers' eager attention does: (q k^T * scale) / cap, tanh, * cap,
 then the mask and a float32 softmax.
 """
@@ -96,6 +97,21 @@ class TorchAttentionState:
 
     write_rows: torch.Tensor  # cache rows the step's new K/V go to (token-major, see slot_to_rows)
     decode_chunks: list[_DecodeChunk]  # the decode rows, in gather-sized chunks
+
+
+# SDPA reads grouped K/V heads itself from torch 2.5 (no repeated copy of them).
+_SDPA_GQA = tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 5)
+
+
+def _allowed(ctx_len: int, seq_len: int, window: int | None, device: torch.device) -> torch.Tensor:
+    """[q_len, seq_len] mask of the keys each query of a chunk at [ctx_len, seq_len) sees:
+    causal, and within the sliding window."""
+    qpos = torch.arange(ctx_len, seq_len, device=device)[:, None]
+    kpos = torch.arange(seq_len, device=device)[None, :]
+    allowed = kpos <= qpos
+    if window is not None:
+        allowed &= kpos > qpos - window
+    return allowed
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -254,22 +270,23 @@ class TorchAttentionBackend(AttentionBackend):
             keys = keys.view(num_kv_heads, nb * block_size, head_dim)[:, :seq_len]
             values = values.view(num_kv_heads, nb * block_size, head_dim)[:, :seq_len]
         group = num_heads // num_kv_heads
-        if group > 1:
-            keys = keys.repeat_interleave(group, dim=0)
-            values = values.repeat_interleave(group, dim=0)
         qh = q.transpose(0, 1)  # [H, q_len, D]
-        if soft_cap is None and ctx_len == 0 and (window is None or window >= seq_len):
-            o = F.scaled_dot_product_attention(qh, keys, values, is_causal=True, scale=scale)
-        else:
-            qpos = torch.arange(ctx_len, seq_len, device=q.device)[:, None]
-            kpos = torch.arange(seq_len, device=q.device)[None, :]
-            allowed = kpos <= qpos
-            if window is not None:
-                allowed &= kpos > qpos - window
-            if soft_cap is None:
-                o = F.scaled_dot_product_attention(qh, keys, values, attn_mask=allowed, scale=scale)
+        if soft_cap is None:
+            # 4-D (a batch of one): with 3-D inputs torch's CPU SDPA takes its unfused math path.
+            gqa = {"enable_gqa": True} if _SDPA_GQA and group > 1 else {}
+            if group > 1 and not gqa:
+                keys, values = keys.repeat_interleave(group, dim=0), values.repeat_interleave(group, dim=0)
+            if ctx_len == 0 and (window is None or window >= seq_len):
+                o = F.scaled_dot_product_attention(qh[None], keys[None], values[None], is_causal=True, scale=scale,
+                                                   **gqa)
             else:
-                o = _soft_capped_attention(qh, keys, values, scale, soft_cap, allowed)
+                o = F.scaled_dot_product_attention(qh[None], keys[None], values[None],
+                                                   attn_mask=_allowed(ctx_len, seq_len, window, q.device), scale=scale,
+                                                   **gqa)
+            return o[0].transpose(0, 1)
+        if group > 1:
+            keys, values = keys.repeat_interleave(group, dim=0), values.repeat_interleave(group, dim=0)
+        o = _soft_capped_attention(qh, keys, values, scale, soft_cap, _allowed(ctx_len, seq_len, window, q.device))
         return o.transpose(0, 1)
 
     def copy_blocks(self, kv_cache, pairs) -> None:

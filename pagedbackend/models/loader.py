@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from pagedbackend.models.base import CausalLM
 from pagedbackend.models.config import ModelConfig
+from pagedbackend.models.layers import pack_linear_weights
 from pagedbackend.models.registry import get_model_class
 
 
@@ -99,4 +100,5 @@ def load_model(config: LoadSpec, progress: bool = True, device: str | None = Non
     with torch.device(device), _default_dtype(config.dtype):
         model = cls(mc)
     model.load_weights(iterate_weights(kind, files, progress))
+    pack_linear_weights(model)
     return model.eval()
