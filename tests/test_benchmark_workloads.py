@@ -122,6 +122,10 @@ def test_ratios_come_from_medians_without_outliers_and_from_bests():
     assert row["generated tok/s"] == "100" and row["% of ceiling"] == "50%"
     assert row["vs vLLM-CPU (median)"] == "2.00x"  # 100 tok/s vs 50: the 40 s run does not count
     assert row["vs vLLM-CPU (best)"] == "1.60x"  # 100 vs 62.5
+    assert row["vs llama.cpp (median)"] == "-"
+    llama = Row("llama.cpp batched-bench", RunStats.of([12.5, 12.5, 12.5]), generated=1000, total=2000)
+    row = dict(zip(header, [c.strip() for c in table([ours, vllm, llama], ceiling=200.0)[2].strip("|").split("|")]))
+    assert row["vs llama.cpp (median)"] == "1.25x"  # 100 tok/s vs 80
 
 
 def test_vllm_server_alternates_runs_over_its_pipe_and_reports_a_dead_driver(tmp_path):
