@@ -1,0 +1,162 @@
+"""The parts of speculative decoding that decide tokens: the n-gram proposer and the rejection
+sampler (greedy exactness, the draft-equals-target case, and unbiased sampling checked by a
+chi-square test that a deliberately biased sampler fails)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pagedbackend.spec_decode import propose_ngram, rejection_sample
+
+# chi-square critical values at significance 0.001 by degrees of freedom (scipy is not a dependency)
+CHI2_CRITICAL_0_001 = {5: 20.515}
+VOCAB = 6
+
+
+def _chi_square(observed: torch.Tensor, probs: torch.Tensor) -> float:
+    expected = probs * observed.sum()
+    return float(((observed - expected) ** 2 / expected).sum())
+
+
+# ------------------------------------------------------------------ n-gram proposals
+def test_ngram_proposes_what_followed_the_most_recent_earlier_match():
+    ids = [1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3]
+    # suffix [1, 2, 3] occurred at 0 and 5; the most recent (5) was followed by 7, 8, 5
+    assert propose_ngram(ids, 3, min_n=1, max_n=3) == [7, 8, 5]
+    assert propose_ngram(ids, 10, min_n=1, max_n=3) == [7, 8, 5, 1, 2, 3]  # up to the end
+
+
+def test_ngram_prefers_the_longest_suffix_that_matches():
+    # [4, 5] last occurred before 6; [5] alone last occurred before 8
+    ids = [4, 5, 6, 0, 5, 8, 0, 4, 5]
+    assert propose_ngram(ids, 1, min_n=1, max_n=2) == [6]
+    assert propose_ngram(ids, 1, min_n=1, max_n=1) == [8]
+
+
+def test_ngram_proposes_nothing_without_a_match_of_at_least_min_n():
+    assert propose_ngram([1, 2, 3, 4], 3, min_n=1, max_n=3) == []
+    assert propose_ngram([7, 1, 2, 7], 2, min_n=2, max_n=3) == []  # only a 1-gram repeats
+    assert propose_ngram([7, 1, 2, 7], 2, min_n=1, max_n=3) == [1, 2]
+    assert propose_ngram([5], 2, min_n=1, max_n=3) == []
+    assert propose_ngram([3, 3, 3], 2, min_n=2, max_n=2) == [3]  # overlapping match
+
+
+@pytest.mark.parametrize("args", [(0, 1, 2), (2, 0, 2), (2, 3, 2)])
+def test_ngram_rejects_bad_bounds(args):
+    with pytest.raises(ValueError, match="propose_ngram"):
+        propose_ngram([1, 2, 1, 2], *args)
+
+
+# ------------------------------------------------------------------ greedy verification
+def test_greedy_accepts_while_the_target_agrees_then_emits_the_targets_token():
+    # target argmax per position: 2, 4, 1, 3 (k = 3, so 4 positions)
+    target = torch.full((3, 4, VOCAB), -1.0)
+    for pos, tok in enumerate([2, 4, 1, 3]):
+        target[:, pos, tok] = 5.0
+    drafts = torch.tensor([[2, 4, 1], [2, 0, 1], [5, 4, 1]])
+    out = rejection_sample(target, drafts, [3, 3, 3], [True] * 3)
+    assert out.tokens == [[2, 4, 1, 3], [2, 4], [2]]  # all + bonus; 1 accepted; none accepted
+    assert out.num_accepted == [3, 1, 0]
+
+
+def test_fewer_proposals_than_k_verify_only_their_positions():
+    target = torch.full((1, 4, VOCAB), -1.0)
+    for pos, tok in enumerate([2, 4, 1, 3]):
+        target[:, pos, tok] = 5.0
+    out = rejection_sample(target, torch.tensor([[2, 4, 0]]), [2], [True])
+    assert out.tokens == [[2, 4, 1]] and out.num_accepted == [2]  # the bonus is position 2's argmax
+
+
+def test_greedy_rows_draw_no_random_numbers():
+    gen = torch.Generator().manual_seed(3)
+    before = gen.get_state()
+    target = torch.rand(2, 3, VOCAB)
+    rejection_sample(target, torch.tensor([[1, 2], [0, 0]]), [2, 1], [True, True], default_generator=gen)
+    assert torch.equal(gen.get_state(), before)
+
+
+def test_bad_shapes_and_counts_are_errors():
+    target = torch.rand(2, 3, VOCAB)
+    with pytest.raises(ValueError, match="rows of 2 proposals"):
+        rejection_sample(target, torch.zeros(2, 3, dtype=torch.long), [1, 1], [True, True])
+    with pytest.raises(ValueError, match="1..2 proposals"):
+        rejection_sample(target, torch.zeros(2, 2, dtype=torch.long), [0, 1], [True, True])
+
+
+# ------------------------------------------------------------------ sampling
+def _dist(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.softmax(torch.randn(*shape, generator=g) * 1.5, dim=-1)
+
+
+def test_a_draft_equal_to_the_target_is_always_accepted():
+    """The exact case: q = p accepts every proposal (acceptance 1.0, k + 1 tokens per row)."""
+    k, rows = 3, 500
+    p = _dist(0, (k + 1, VOCAB)).expand(rows, k + 1, VOCAB).contiguous()
+    gen = torch.Generator().manual_seed(1)
+    drafts = torch.multinomial(p[:, :k].reshape(-1, VOCAB), 1, generator=gen).view(rows, k)
+    out = rejection_sample(p, drafts, [k] * rows, [False] * rows, draft_probs=p[:, :k], default_generator=gen)
+    assert out.num_accepted == [k] * rows and all(len(t) == k + 1 for t in out.tokens)
+
+
+def _emitted_counts(tokens: list[list[int]], position: int, given_first: torch.Tensor | None = None) -> torch.Tensor:
+    counts = torch.zeros(VOCAB)
+    for row, t in enumerate(tokens):
+        if len(t) > position and (given_first is None or t[0] == int(given_first[row])):
+            counts[t[position]] += 1
+    return counts
+
+
+def _naive_biased_sample(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor, gen: torch.Generator) -> list[list[int]]:
+    """The control: min(1, p/q) acceptance, but a rejection resamples from p itself instead of
+    the residual max(p - q, 0) — over-weights the draft's favourite tokens."""
+    out = []
+    for r in range(drafts.shape[0]):
+        d = int(drafts[r, 0])
+        if torch.rand(1, generator=gen).item() < min(1.0, float(p[r, 0, d] / q[r, 0, d])):
+            out.append([d])
+        else:
+            out.append([int(torch.multinomial(p[r, 0], 1, generator=gen))])
+    return out
+
+
+@pytest.mark.parametrize("proposer", ["draft_model", "ngram"])
+def test_emitted_tokens_follow_the_target_distribution(proposer):
+    """Draws of the first emitted token (and of the second, after an accepted first) match the
+    target's distributions by a chi-square test at significance 0.001; the naive sampler of the
+    control fails the same test on the same draws' setting."""
+    rows, k = 20000, 2
+    p = _dist(10, (k + 1, VOCAB)).expand(rows, k + 1, VOCAB).contiguous()
+    q = _dist(11, (k, VOCAB)).expand(rows, k, VOCAB).contiguous()
+    gen = torch.Generator().manual_seed(12)
+    if proposer == "draft_model":
+        drafts = torch.multinomial(q.reshape(-1, VOCAB), 1, generator=gen).view(rows, k)
+        draft_probs = q
+    else:  # a fixed proposal per row, as a lookup would make
+        drafts = torch.randint(0, VOCAB, (rows, k), generator=gen)
+        draft_probs = None
+    out = rejection_sample(p, drafts, [k] * rows, [False] * rows, draft_probs=draft_probs, default_generator=gen)
+    critical = CHI2_CRITICAL_0_001[VOCAB - 1]
+    assert _chi_square(_emitted_counts(out.tokens, 0), p[0, 0]) < critical
+    second = _emitted_counts(out.tokens, 1, given_first=drafts[:, 0])
+    assert second.sum() > 2000 and _chi_square(second, p[0, 1]) < critical
+    if proposer == "draft_model":
+        biased = _naive_biased_sample(p, q, drafts, gen)
+        assert _chi_square(_emitted_counts(biased, 0), p[0, 0]) > critical
+
+
+def test_a_seeded_row_samples_the_same_whatever_its_batch():
+    k = 2
+    p = _dist(20, (3, k + 1, VOCAB))
+    q = _dist(21, (3, k, VOCAB))
+    drafts = torch.tensor([[1, 2], [3, 4], [0, 5]])
+
+    def run(rows: list[int], seeds: dict[int, int]) -> list[list[int]]:
+        gens = [torch.Generator().manual_seed(seeds[r]) if r in seeds else None for r in rows]
+        return rejection_sample(p[rows], drafts[rows], [k] * len(rows), [False] * len(rows), draft_probs=q[rows],
+                                generators=gens, default_generator=torch.Generator().manual_seed(99)).tokens
+    alone = run([1], {1: 7})
+    for _ in range(5):
+        assert run([0, 1, 2], {1: 7})[1] == alone[0]
+        assert run([2, 1], {1: 7})[1] == alone[0]
