@@ -249,6 +249,13 @@ def program_map(query_start_loc_host: list[int], block_q: int, device: torch.dev
     return (torch.from_numpy(seq).to(device), torch.from_numpy(qoff.astype(np.int32)).to(device))
 
 
+def decode_program_map(num_seqs: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """`program_map` of a decode-only step (one query token per sequence, so one program each),
+    made on the device: no host-to-device copy, which a CUDA graph could not capture."""
+    return (torch.arange(num_seqs, dtype=torch.int32, device=device),
+            torch.zeros(num_seqs, dtype=torch.int32, device=device))
+
+
 def _check_soft_cap(logits_soft_cap: float | None) -> None:
     if logits_soft_cap is not None and not logits_soft_cap > 0:
         raise ValueError(f"logits_soft_cap must be positive (or None for no cap), got {logits_soft_cap}")

@@ -190,6 +190,26 @@ def test_replayed_decode_steps_read_everything_from_the_persistent_buffers(name,
     assert len(replays) > 10
 
 
+@pytest.mark.skipif(TritonAttentionBackend.unavailable_reason("cpu") is not None, reason="no triton interpreter")
+@pytest.mark.parametrize("splits", [None, 2], ids=["unified-kernel", "split-kv"])
+def test_replayed_decode_steps_on_the_triton_kernels_read_everything_from_the_persistent_buffers(
+        splits, model_dir, make_padded_engine, monkeypatch):
+    """The triton backend declares supports_cuda_graphs: its captured decode (either kernel)
+    replays right on steps whose lengths and block tables differ from the capture's."""
+    replays: list[int] = []
+    monkeypatch.setattr(model_runner, "make_graph_capture", _eager_capture(replays))
+    monkeypatch.setattr(TritonAttentionBackend, "__init__",
+                        lambda self, force_num_splits=splits, _init=TritonAttentionBackend.__init__:
+                        _init(self, force_num_splits))
+    path = model_dir("llama")
+    engine = make_padded_engine(path, cuda_graphs=True, max_num_batched_tokens=32, max_num_seqs=3,
+                                max_model_len=128, attention_backend="triton")
+    assert sorted(engine.runner._graphs) == [1, 2, 4]
+    prompts = random_prompts([3, 20, 37], 1024, seed=29)
+    assert _run(engine, prompts, stagger=2) == _expected(path, prompts)
+    assert len(replays) > 10
+
+
 def test_the_profile_run_leaves_the_kv_cache_and_the_layers_bindings_as_they_were(model_dir, make_padded_engine):
     path = model_dir("llama")
     engine = make_padded_engine(path, max_num_batched_tokens=300, max_num_seqs=4, max_model_len=128,

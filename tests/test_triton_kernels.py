@@ -374,3 +374,14 @@ def test_triton_backend_gives_the_torch_backends_greedy_tokens(name, model_dir, 
         stats = llm.llm_engine.get_stats()
         assert stats["prefix_cache_hits"] > 0 and stats["num_chunked_prefill_steps"] > 0
     assert outs["triton"] == outs["torch"]
+
+
+@pytest.mark.parametrize("num_seqs", [1, 5, 64])
+@pytest.mark.parametrize("group, head_dim", [(1, 64), (4, 128), (8, 256)])
+def test_a_decode_steps_program_map_is_built_on_the_device_and_equals_the_host_built_one(num_seqs, group, head_dim):
+    from pagedbackend.kernels.paged_attention import decode_program_map, program_map, query_block_shape
+
+    _, block_q = query_block_shape(group, 1, head_dim)
+    host = program_map(list(range(num_seqs + 1)), block_q, torch.device("cpu"))
+    built = decode_program_map(num_seqs, torch.device("cpu"))
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(host, built))

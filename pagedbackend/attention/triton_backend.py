@@ -24,6 +24,7 @@ class TritonAttentionState:
     num_splits: int  # > 1: the split-KV decode kernel (decode-only steps), else the unified kernel
     # (GQA group, head_dim) -> the unified kernel's program map, built by the first layer that needs it
     programs: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    decode_programs: tuple[torch.Tensor, torch.Tensor] | None = None  # a decode-only step's, from prepare()
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -40,6 +41,11 @@ class TritonAttentionBackend(AttentionBackend):
     block_size_note = "at least 16: tensor-core dots need 16 rows"
     supports_sliding_window = True
     supports_logits_soft_cap = True
+    # A captured decode step's launches follow its shapes only: the split count comes from
+    # num_seqs and meta.max_seq_len (max_model_len in a capture, so a replay covers every
+    # length), the kernels read lengths and block tables from the device, and the unified
+    # kernel's program map is built on the device.
+    supports_cuda_graphs = True
 
     def __init__(self, force_num_splits: int | None = None) -> None:
         # The kernels import triton, an optional dependency: loaded when a backend is made,
@@ -67,7 +73,11 @@ class TritonAttentionBackend(AttentionBackend):
         if decode_only:
             splits = self.force_num_splits or self._kernels.choose_num_splits(
                 meta.num_seqs, num_kv_heads, meta.max_seq_len, block_size, device=key_cache.device)
-        meta.backend_state = TritonAttentionState(splits)
+        # A decode-only step's unified-kernel programs (one per sequence, whatever the GQA group
+        # and head size) are made on the device: nothing copied from the host.
+        programs = self._kernels.decode_program_map(meta.num_seqs, key_cache.device) if (
+            decode_only and splits == 1) else None
+        meta.backend_state = TritonAttentionState(splits, decode_programs=programs)
 
     def forward(self, q, k, v, key_cache, value_cache, meta: AttentionMetadata, scale: float,
                 sliding_window: int | None, logits_soft_cap: float | None = None) -> torch.Tensor:
@@ -86,8 +96,11 @@ class TritonAttentionBackend(AttentionBackend):
         key = (group, q.shape[2])
         programs = state.programs
         if key not in programs:
-            _, block_q = kernels.query_block_shape(group, meta.max_query_len, q.shape[2])
-            programs[key] = kernels.program_map(meta.query_start_loc_host, block_q, q.device)
+            if state.decode_programs is not None:
+                programs[key] = state.decode_programs
+            else:
+                _, block_q = kernels.query_block_shape(group, meta.max_query_len, q.shape[2])
+                programs[key] = kernels.program_map(meta.query_start_loc_host, block_q, q.device)
         kernels.unified_attention(out, q, key_cache, value_cache, meta.block_tables, meta.seq_lens,
                                   meta.query_start_loc, meta.query_start_loc_host, meta.max_query_len, scale,
                                   sliding_window, programs[key], logits_soft_cap)
