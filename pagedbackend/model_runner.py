@@ -304,8 +304,11 @@ class ModelRunner:
     def _prompt_logprobs(self, hidden: torch.Tensor, prompt_rows: list[tuple[int, list[int], list[int], int]]):
         """Logprob of each prompt token given the ones before it, from this chunk's hidden
         states (the logits at position p predict token p + 1)."""
-        index = torch.tensor([i for _, rows, _, _ in prompt_rows for i in rows], device=self.device)
-        targets = torch.tensor([t for _, _, tokens, _ in prompt_rows for t in tokens], device=self.device)
+        up = HostUpload()  # one non-blocking upload, not a blocking torch.tensor(list, device=) each
+        up.add("index", np.array([i for _, rows, _, _ in prompt_rows for i in rows], dtype=np.int64))
+        up.add("targets", np.array([t for _, _, tokens, _ in prompt_rows for t in tokens], dtype=np.int64))
+        sent = up.send(self.device, one_copy=self.device.type != "cpu")
+        index, targets = sent["index"], sent["targets"]
         logprobs = torch.log_softmax(self.model.compute_logits(hidden[index]).float(), dim=-1)
         entries = gather_logprobs(logprobs, targets, [k for _, rows, _, k in prompt_rows for _ in rows])
         result, start = {}, 0
