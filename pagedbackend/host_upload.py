@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-_ALIGN = 8  # bytes: every array in an upload buffer starts where an int64 / float64 view may start
+# bytes: every array in an upload buffer starts where any view may, and where Triton's pointer
+# specialisation (16-byte divisibility) sees it the same whatever the batch size
+_ALIGN = 16
 _TORCH_DTYPES = {np.int64: torch.int64, np.int32: torch.int32, np.float32: torch.float32, np.bool_: torch.bool}
 
 

@@ -273,7 +273,9 @@ class TorchAttentionBackend(AttentionBackend):
         qh = q.transpose(0, 1)  # [H, q_len, D]
         if soft_cap is None:
             # 4-D (a batch of one): with 3-D inputs torch's CPU SDPA takes its unfused math path.
-            gqa = {"enable_gqa": True} if _SDPA_GQA and group > 1 else {}
+            # Grouped heads as such only on the CPU: on CUDA only the flash kernel reads them,
+            # which takes neither a mask nor fp32, and the math fallback would hold every score.
+            gqa = {"enable_gqa": True} if _SDPA_GQA and group > 1 and q.device.type == "cpu" else {}
             if group > 1 and not gqa:
                 keys, values = keys.repeat_interleave(group, dim=0), values.repeat_interleave(group, dim=0)
             if ctx_len == 0 and (window is None or window >= seq_len):

@@ -96,7 +96,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """
     if gpu_path(x):
         return F.linear(x, weight.to_dense() if weight.is_mkldnn else weight, bias)
-    if weight.is_mkldnn or (ONEDNN_LINEAR and x.dtype == torch.float32 and x.dim() == 2):
+    if weight.is_mkldnn or (ONEDNN_LINEAR and x.dtype == torch.float32 and x.dim() >= 2):
+        if x.dim() > 2:
+            return linear(x.reshape(-1, x.shape[-1]), weight, bias).view(*x.shape[:-1], weight.shape[0])
         rows = x.shape[0]
         padded = onednn_rows(rows)
         if padded != rows or not x.is_contiguous():

@@ -59,7 +59,8 @@ def rejection_sample(target_probs: torch.Tensor, draft_tokens: torch.Tensor, num
     positions = torch.arange(k, device=device)
     in_range = positions[None, :] < counts[:, None]  # [rows, k]
     is_greedy = torch.tensor(greedy, device=device)
-    drafts = draft_tokens.to(device=device, dtype=torch.long)
+    # Slots past a row's count may hold any filler (vLLM pads with -1): made a valid index.
+    drafts = draft_tokens.to(device=device, dtype=torch.long).masked_fill(~in_range, 0)
 
     probs_k = target_probs[:, :k]
     p_draft = probs_k.gather(-1, drafts[..., None])[..., 0]  # p_i(d_i)
