@@ -48,7 +48,6 @@ __all__ = ["PenaltyState", "PromptLogprobRequest", "Sampler", "SamplerOutput", "
            "apply_penalties", "gather_logprobs"]
 
 
-
 @dataclass
 class Penalties:
     """The batch's rows with presence / frequency / repetition penalties (device tensors)."""
@@ -107,8 +106,6 @@ class SamplerOutput:
     beam_candidates: list[tuple[list[float], list[int]] | None]  # log_softmax values and token ids
     # seq_id -> logprobs of the prompt tokens this step's chunk predicted, in position order
     prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)
-
-
 
 
 class PenaltyState:

@@ -9,8 +9,9 @@ slices, each gathering the whole block table (max_model_len, masked), so nothing
 the step's lengths; that costs attention time that grows with max_model_len, not the context
 (this backend is the reference; the GPU default is triton).
 Prefill chunks run one `scaled_dot_product_attention` per sequence, reading cached context
-only when the chunk has any; 4-D and with grouped heads passed as such (`enable_gqa`), which
-is what lets torch's CPU SDPA take its fused flash kernel instead of bmm + softmax. With an attention-logit soft-cap (Gemma 2) the scores are made
+only when the chunk has any, as 4-D tensors (with 3-D ones torch's CPU SDPA takes bmm +
+softmax instead of its flash kernel) and, on the CPU, with grouped heads passed as such
+(`enable_gqa`) instead of repeated. With an attention-logit soft-cap (Gemma 2) the scores are made
 explicitly instead, as transformers' eager attention does: (q k^T * scale) / cap, tanh, * cap,
 then the mask and a float32 softmax.
 """
@@ -271,25 +272,21 @@ class TorchAttentionBackend(AttentionBackend):
             values = values.view(num_kv_heads, nb * block_size, head_dim)[:, :seq_len]
         group = num_heads // num_kv_heads
         qh = q.transpose(0, 1)  # [H, q_len, D]
-        if soft_cap is None:
-            # 4-D (a batch of one): with 3-D inputs torch's CPU SDPA takes its unfused math path.
-            # Grouped heads as such only on the CPU: on CUDA only the flash kernel reads them,
-            # which takes neither a mask nor fp32, and the math fallback would hold every score.
-            gqa = {"enable_gqa": True} if _SDPA_GQA and group > 1 and q.device.type == "cpu" else {}
-            if group > 1 and not gqa:
-                keys, values = keys.repeat_interleave(group, dim=0), values.repeat_interleave(group, dim=0)
-            if ctx_len == 0 and (window is None or window >= seq_len):
-                o = F.scaled_dot_product_attention(qh[None], keys[None], values[None], is_causal=True, scale=scale,
-                                                   **gqa)
-            else:
-                o = F.scaled_dot_product_attention(qh[None], keys[None], values[None],
-                                                   attn_mask=_allowed(ctx_len, seq_len, window, q.device), scale=scale,
-                                                   **gqa)
-            return o[0].transpose(0, 1)
-        if group > 1:
+        # Grouped heads as such only for SDPA on the CPU: on CUDA only the flash kernel reads
+        # them, which takes neither a mask nor fp32, and the math fallback would hold every score.
+        gqa = {"enable_gqa": True} if soft_cap is None and _SDPA_GQA and group > 1 and q.device.type == "cpu" else {}
+        if group > 1 and not gqa:
             keys, values = keys.repeat_interleave(group, dim=0), values.repeat_interleave(group, dim=0)
-        o = _soft_capped_attention(qh, keys, values, scale, soft_cap, _allowed(ctx_len, seq_len, window, q.device))
-        return o.transpose(0, 1)
+        if soft_cap is not None:
+            o = _soft_capped_attention(qh, keys, values, scale, soft_cap, _allowed(ctx_len, seq_len, window, q.device))
+            return o.transpose(0, 1)
+        # 4-D (a batch of one): with 3-D inputs torch's CPU SDPA takes its unfused math path.
+        if ctx_len == 0 and (window is None or window >= seq_len):
+            o = F.scaled_dot_product_attention(qh[None], keys[None], values[None], is_causal=True, scale=scale, **gqa)
+        else:
+            o = F.scaled_dot_product_attention(qh[None], keys[None], values[None], scale=scale, **gqa,
+                                               attn_mask=_allowed(ctx_len, seq_len, window, q.device))
+        return o[0].transpose(0, 1)
 
     def copy_blocks(self, kv_cache, pairs) -> None:
         if not pairs:
