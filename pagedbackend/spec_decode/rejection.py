@@ -11,10 +11,11 @@ top-p / min-p, i.e. what the request would sample from), and the proposer's q_1.
   the emitted token is drawn from max(p_i - q_i, 0), normalised; when all are accepted the bonus
   token is drawn from p_{m+1}. An n-gram proposal is a point mass: q_i(d_i) = 1, so d_i is
   accepted with probability p_i(d_i) and a rejection draws from p_i without d_i.
-A row draws m uniforms and one vocabulary of exponential noise (the final token is taken by the
-exponential race, argmax(r / E), as the sampler does), all from the row's own generator when the
-request is seeded, else from the engine's: so a seeded request's output does not depend on its
-batch. Rows without proposals are not this sampler's: they sample as usual and draw nothing here.
+A random row draws k uniforms (those past its m proposals unused) and one vocabulary of
+exponential noise (the final token is taken by the exponential race, argmax(r / E), as the
+sampler does). A seeded request's row draws them from its own generator, so its output does not
+depend on its batch; the other random rows draw theirs from the engine's generator in one call.
+Greedy rows draw nothing. Rows without proposals are not this sampler's: they sample as usual.
 
 Everything is batched over rows and positions; the host reads the result once (`tolist`)."""
 
@@ -66,15 +67,19 @@ def rejection_sample(target_probs: torch.Tensor, draft_tokens: torch.Tensor, num
     p_draft = probs_k.gather(-1, drafts[..., None])[..., 0]  # p_i(d_i)
     q_draft = torch.ones_like(p_draft) if draft_probs is None else draft_probs.gather(-1, drafts[..., None])[..., 0]
 
-    # Random numbers, drawn row by row from the row's generator: m uniforms, then the noise of
-    # the final token's race. Greedy rows draw none.
+    # Random numbers: the uniforms of the acceptance tests, then the noise of the final token's
+    # race. Seeded rows one by one from their own generators; the other random rows together.
     uniforms = torch.ones(rows, k, device=device, dtype=torch.float32)
     noise = torch.ones(rows, vocab, device=device, dtype=torch.float32)
-    random_rows = [r for r in range(rows) if not greedy[r]]
-    for r in random_rows:
-        gen = generators[r] if generators[r] is not None else default_generator
-        uniforms[r, :num_drafts[r]] = torch.rand(num_drafts[r], generator=gen, device=device)
-        noise[r].exponential_(generator=gen)
+    engine_rows = [r for r in range(rows) if not greedy[r] and generators[r] is None]
+    if engine_rows:
+        index = torch.tensor(engine_rows, device=device)
+        uniforms[index] = torch.rand(len(engine_rows), k, generator=default_generator, device=device)
+        noise[index] = torch.empty(len(engine_rows), vocab, device=device).exponential_(generator=default_generator)
+    for r in range(rows):
+        if not greedy[r] and generators[r] is not None:
+            uniforms[r] = torch.rand(k, generator=generators[r], device=device)
+            noise[r].exponential_(generator=generators[r])
 
     target_argmax = probs_k.argmax(dim=-1)
     accept_random = uniforms * q_draft < p_draft  # u < p / q without dividing by q
