@@ -91,20 +91,24 @@ def tiny_tokenizer():
     return train_tokenizer(1024, seed=0)
 
 
-@pytest.fixture(scope="session")
-def model_dir(tmp_path_factory, tiny_tokenizer) -> Callable[[str], Path]:
-    """model_dir(name) -> path of that tiny model, built on first use."""
+def model_builder(root: Path, tokenizer, table: dict[str, dict[str, Any]]) -> Callable[[str], Path]:
+    """get(name) -> path of the tiny model `table[name]` describes, built under `root` on first use."""
     from pagedbackend.tiny_model import build_tiny_model
 
-    root = tmp_path_factory.mktemp("models")
     built: dict[str, Path] = {}
 
     def get(name: str) -> Path:
         if name not in built:
-            built[name] = build_tiny_model(root / name, tokenizer=tiny_tokenizer, **TINY_MODELS[name])
+            built[name] = build_tiny_model(root / name, tokenizer=tokenizer, **table[name])
         return built[name]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def model_dir(tmp_path_factory, tiny_tokenizer) -> Callable[[str], Path]:
+    """model_dir(name) -> path of that tiny model, built on first use."""
+    return model_builder(tmp_path_factory.mktemp("models"), tiny_tokenizer, TINY_MODELS)
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import torch
 
+from conftest import model_builder
 from helpers import hf_greedy, random_prompts
 from pagedbackend import EngineArgs, SamplingParams
 
@@ -53,17 +54,7 @@ ENGINE_ARCHS = ["gemma2", "granite", "qwen3-moe", "olmo2", "phi3-kv1"]
 
 @pytest.fixture(scope="module")
 def arch_dir(tmp_path_factory, tiny_tokenizer):
-    from pagedbackend.tiny_model import build_tiny_model
-
-    root = tmp_path_factory.mktemp("tp-models")
-    built: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in built:
-            built[name] = build_tiny_model(root / name, tokenizer=tiny_tokenizer, **MODELS[name])
-        return built[name]
-
-    return get
+    return model_builder(tmp_path_factory.mktemp("tp-models"), tiny_tokenizer, MODELS)
 
 
 def _with_plan(src: Path, dst: Path, plan: dict[str, str]) -> Path:
