@@ -38,6 +38,7 @@ from pagedbackend.models.transformers_tp import check_tensor_parallel
 from pagedbackend.readme import replace_table
 from pagedbackend.models.hf_config import HFConfig
 from pagedbackend.scheduler import PREEMPTION_MODES, SCHEDULING_POLICIES
+from pagedbackend.spec_decode.config import DraftModelSpec, SpeculativeConfig
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +162,14 @@ def _check_swap_space(value: float) -> str | None:
     return None if value >= 0 else f"must be a non-negative number of GiB, got {value!r}"
 
 
+def _check_speculative(value: Any) -> str | None:
+    try:
+        SpeculativeConfig.parse(value)
+    except ValueError as e:
+        return str(e).removeprefix("speculative_config").lstrip(": ")
+    return None
+
+
 #: vLLM's names for how the ranks of a tensor-parallel engine are run.
 EXECUTOR_BACKENDS = ("uni", "mp", "external_launcher")
 
@@ -250,6 +259,13 @@ class EngineArgs:
         help="GiB of host memory for swapped-out blocks (allocated only with `preemption_mode=\"swap\"`)")
     max_logprobs: int = setting(20, minimum=0,
                                 help="largest `logprobs` / `prompt_logprobs` a request may ask for")
+    speculative_config: str | dict | None = setting(
+        None, check=_check_speculative, expects="a dict (or its JSON text)",
+        help="speculative decoding, vLLM's dict (JSON on the command line): `{\"method\": \"ngram\", "
+             "\"num_speculative_tokens\": k, \"prompt_lookup_min\": m, \"prompt_lookup_max\": M}` or "
+             "`{\"method\": \"draft_model\", \"model\": DIR, \"num_speculative_tokens\": k}`, optionally "
+             "`\"disable_by_batch_size\": N` (no speculation while more than N sequences run); outputs stay the "
+             "target model's (greedy: token for token)")
     max_prompt_chars: int | None = setting(
         None, minimum=1, doc_default="derived",
         help="text prompts longer than this are refused before tokenizing; default: twice the characters "
@@ -390,6 +406,8 @@ class EngineArgs:
             sliding_window=model_config.sliding_window, logits_soft_cap=model_config.logits_soft_cap,
             num_queries_per_kv=max(1, heads_per_rank // kv_heads_per_rank))
 
+        speculative, draft = self._speculative(model_config, device, dtype, max_model_len, tp)
+
         kv_fraction = self.kv_cache_memory_fraction
         if kv_fraction is None and self.num_kv_blocks is None:
             kv_fraction = DEFAULT_KV_FRACTION["cuda" if device.startswith("cuda") else "cpu"]
@@ -414,7 +432,46 @@ class EngineArgs:
             seed=self.seed,
             max_logprobs=self.max_logprobs,
             max_prompt_chars=self.max_prompt_chars,
+            speculative_config=speculative,
+            draft=draft,
         )
+
+    def _speculative(self, target: ModelConfig, device: str, dtype: torch.dtype, max_model_len: int,
+                     tp: int) -> tuple[SpeculativeConfig | None, DraftModelSpec | None]:
+        """The parsed `speculative_config`, and for a draft model its resolved spec: its
+        directory read and checked against the target (vocabulary, positions) before any
+        weight is loaded."""
+        if self.speculative_config is None:
+            return None, None
+        spec = SpeculativeConfig.parse(self.speculative_config)
+        if spec.num_speculative_tokens >= max_model_len:
+            raise ValueError(f"speculative_config: num_speculative_tokens={spec.num_speculative_tokens} must be "
+                             f"below max_model_len={max_model_len}")
+        if spec.method != "draft_model":
+            return spec, None
+        if tp > 1:
+            raise ValueError("speculative_config: method 'draft_model' runs on one rank; with tensor_parallel_size="
+                             f"{tp} use method 'ngram'")
+        try:
+            draft = ModelConfig.from_dir(spec.model)
+        except ValueError as e:
+            raise ValueError(f"speculative_config: model: {e}") from e
+        if draft.vocab_size != target.vocab_size:
+            raise ValueError(f"speculative_config: the draft model's vocabulary ({draft.vocab_size} tokens, "
+                             f"{spec.model}) is not the target's ({target.vocab_size}); a draft must share the "
+                             "target's tokenizer")
+        positions = draft.max_position_embeddings
+        if positions is not None and positions < max_model_len + spec.num_speculative_tokens:
+            raise ValueError(f"speculative_config: the draft model handles {positions} positions, fewer than "
+                             f"max_model_len + num_speculative_tokens = {max_model_len + spec.num_speculative_tokens}")
+        impl = "native" if has_native(draft.architecture) else "transformers"
+        if impl == "transformers":
+            causal_lm_class(draft)
+        backend = select_attention_backend(
+            self.attention_backend, device, dtype, head_size=draft.head_dim, block_size=self.block_size,
+            sliding_window=draft.sliding_window, logits_soft_cap=draft.logits_soft_cap,
+            num_queries_per_kv=max(1, draft.num_heads // draft.num_kv_heads))
+        return spec, DraftModelSpec(draft, backend, impl, dtype, device, self.load_format)
 
 
 def resolve_dtype(name: str, declared: torch.dtype | None, device: str) -> torch.dtype:
@@ -611,6 +668,8 @@ class EngineConfig:
     # Capture the padded decode steps as CUDA graphs at start (needs padded_decode, and an
     # attention backend declaring supports_cuda_graphs; the runner logs when it has none).
     cuda_graphs: bool = False
+    speculative_config: SpeculativeConfig | None = None
+    draft: DraftModelSpec | None = None  # resolved for speculative_config's draft_model method
 
     # Flat views (not dataclass fields: no annotations).
     block_size = _Flat("cache_config")

@@ -19,6 +19,7 @@ from pagedbackend.kv_cache_manager import KVCacheManager
 from pagedbackend.sampling_params import SamplingParams
 from pagedbackend.scheduler import CoreOutput, Scheduler
 from pagedbackend.sequence import Sequence, SequenceStatus
+from pagedbackend.spec_decode.config import SpeculativeConfig
 from pagedbackend.step import RequestDone
 
 if TYPE_CHECKING:  # the core itself never needs the frontend's module
@@ -31,12 +32,17 @@ logger = logging.getLogger(__name__)
 class EngineCore:
     def __init__(self, executor: "Executor", *, block_size: int, enable_prefix_caching: bool, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, enable_chunked_prefill: bool,
-                 scheduling_policy: str, preemption_mode: str, eos_token_ids: tuple[int, ...]) -> None:
+                 scheduling_policy: str, preemption_mode: str, eos_token_ids: tuple[int, ...],
+                 speculative_config: SpeculativeConfig | None = None) -> None:
         self.executor = executor
         self.kv_cache_manager = KVCacheManager(executor.num_blocks, block_size, enable_prefix_caching,
                                                executor.num_host_blocks)
+        spec = speculative_config
         self.scheduler = Scheduler(self.kv_cache_manager, max_num_seqs, max_num_batched_tokens, max_model_len,
-                                   enable_chunked_prefill, scheduling_policy, preemption_mode)
+                                   enable_chunked_prefill, scheduling_policy, preemption_mode,
+                                   num_spec_tokens=spec.num_speculative_tokens if spec else 0,
+                                   num_lookahead_slots=spec.num_lookahead_slots if spec else 0,
+                                   spec_disable_by_batch_size=spec.disable_by_batch_size if spec else None)
         self.max_model_len = max_model_len
         self.eos_token_ids = eos_token_ids
         self.num_steps = 0
@@ -116,6 +122,12 @@ class EngineCore:
             "prompt_tokens": self.prompt_tokens,
             "generation_tokens": self.generation_tokens,
             "steps": self.num_steps,
+            "spec_decode_num_drafts": sched.spec_stats.num_drafts,
+            "spec_decode_num_draft_tokens": sched.spec_stats.num_draft_tokens,
+            "spec_decode_num_accepted_tokens": sched.spec_stats.num_accepted_tokens,
+            "spec_decode_acceptance_rate": sched.spec_stats.acceptance_rate,
+            "spec_decode_mean_accepted_length": sched.spec_stats.mean_accepted_length,
+            "spec_decode_accepted_per_position": list(sched.spec_stats.accepted_per_position),
         }
 
     # ------------------------------------------------------------------- step

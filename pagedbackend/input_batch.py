@@ -8,7 +8,7 @@ Plain numpy: no torch, no requests. The runner turns the gathered arrays into te
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import attrgetter
 
 import numpy as np
@@ -23,6 +23,7 @@ _num_new_tokens = attrgetter("num_new_tokens")
 _num_computed_tokens = attrgetter("num_computed_tokens")
 _sample = attrgetter("sample")
 _forks = attrgetter("forks")
+_spec_token_ids = attrgetter("spec_token_ids")
 
 
 @dataclass
@@ -41,6 +42,11 @@ class StepInputs:
     own_rows: np.ndarray  # the sampled row of each sampling item's own token (not its forks')
     # (seq_id, flat token rows, the prompt tokens they predict, top-k), for prompt logprobs
     prompt_rows: list[tuple[int, list[int], list[int], int]]
+    # Speculative decoding: (seq_id, slot, proposals) of each sequence verifying proposals, in
+    # the scheduler's order, and the token rows of their logits (each sequence's last known
+    # token and its proposals, len(proposals) + 1 rows); their rows are not in logits_indices.
+    spec_seqs: list[tuple[int, int, tuple[int, ...]]] = field(default_factory=list)
+    spec_logits_indices: np.ndarray | None = None
 
 
 class RowView(SampledTokens):
@@ -166,7 +172,9 @@ class InputBatch:
                        self.bad_words[slot], self.beam_k[slot])
 
     # ------------------------------------------------------------ the inputs
-    def prepare(self, out: SchedulerOutput) -> StepInputs:
+    def prepare(self, out: SchedulerOutput, prompt_logprobs: bool = True) -> StepInputs:
+        """The step's flattened inputs. `prompt_logprobs=False`: rows for nobody's prompt
+        logprobs (a draft model's steps over the same sequences)."""
         items = out.scheduled
         n = len(items)
         # One C-level pass per field (map over attrgetter), not a Python loop over the items.
@@ -176,9 +184,18 @@ class InputBatch:
         # Sampled rows per item: its own and one per fork when it samples, else none. None: one
         # each, the usual step (every item samples, none forks; the checks are C loops).
         num_rows = None
-        if not all(map(_sample, items)) or any(map(_forks, items)):
+        speculating = any(map(_spec_token_ids, items))
+        if not all(map(_sample, items)) or any(map(_forks, items)) or speculating:
             num_rows = np.fromiter(map(_sample, items), dtype=np.bool_, count=n) * (
                 1 + np.fromiter(map(len, map(_forks, items)), dtype=np.int64, count=n))
+        num_drafts = None
+        if speculating:  # proposals sit after each one's tokens, where its input ids are read from
+            num_drafts = np.fromiter(map(len, map(_spec_token_ids, items)), dtype=np.int64, count=n)
+            num_rows[num_drafts > 0] = 0  # verified apart, below
+            for i in np.flatnonzero(num_drafts).tolist():
+                slot, drafts = int(slots[i]), items[i].spec_token_ids
+                start = int(self.num_tokens[slot])
+                self.token_ids[slot, start:start + len(drafts)] = drafts
         # Decodes first, shortest context first: backends batch them in length-sorted chunks.
         is_decode = q_lens == 1
         if is_decode.all():
@@ -219,8 +236,16 @@ class InputBatch:
             logits_indices = np.repeat(last_token[row_of_item], num_rows)
             sample_slots = np.repeat(slots, num_rows)
             own_rows = (np.cumsum(num_rows) - num_rows)[num_rows > 0]
+        spec_seqs, spec_logits_indices = [], None
+        if num_drafts is not None:
+            verifying = np.flatnonzero(num_drafts)
+            spec_seqs = [(items[i].seq_id, int(slots[i]), items[i].spec_token_ids) for i in verifying.tolist()]
+            ends = last_token[row_of_item[verifying]]
+            counts = num_drafts[verifying] + 1
+            spec_logits_indices = np.repeat(ends - counts + 1, counts) + (
+                np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts))
         prompt_rows = []
-        if self.prompt_logprob_slots:
+        if self.prompt_logprob_slots and prompt_logprobs:
             for i, it in enumerate(items):
                 slot = int(slots[i])
                 if slot not in self.prompt_logprob_slots:
@@ -237,4 +262,5 @@ class InputBatch:
                                         self.params[slot].prompt_logprobs))
                     self.prompt_logprobs_done[slot] = end
         return StepInputs(input_ids.astype(np.int64), positions, slot_mapping, query_start, seq_lens, block_tables,
-                          num_decodes, logits_indices, sample_slots, own_rows, prompt_rows)
+                          num_decodes, logits_indices, sample_slots, own_rows, prompt_rows, spec_seqs,
+                          spec_logits_indices)

@@ -209,6 +209,24 @@ class KVCacheManager:
             blocks.extend(new_blocks)
         return True
 
+    def trim(self, seq: Sequence, num_slots: int) -> None:
+        """Free the sequence's blocks past its first `num_slots` KV slots (speculative decoding:
+        blocks holding only rejected proposals or unused lookahead slots). Its block table
+        shrinks; the runner's copy keeps the stale entries past the end, which nothing reads,
+        until new blocks are sent from there on."""
+        blocks = self._blocks.get(seq.seq_id)
+        keep = self.num_blocks_needed(num_slots)
+        if not blocks or len(blocks) <= keep:
+            return
+        freed = blocks[keep:]
+        del blocks[keep:]
+        self.pool.free_blocks(reversed(freed))
+        seq_id = seq.seq_id
+        if self._sent.get(seq_id, 0) > keep:
+            self._sent[seq_id] = keep
+        if self._num_cached.get(seq_id, 0) > keep:
+            self._num_cached[seq_id] = keep
+
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """The child shares every block of the parent (one more reference each)."""
         blocks = self._blocks.get(parent.seq_id, [])

@@ -58,7 +58,7 @@ class LLMEngine:
                                max_num_batched_tokens=config.max_num_batched_tokens,
                                max_model_len=config.max_model_len, enable_chunked_prefill=config.enable_chunked_prefill,
                                scheduling_policy=config.scheduling_policy, preemption_mode=config.preemption_mode,
-                               eos_token_ids=self._eos_ids)
+                               eos_token_ids=self._eos_ids, speculative_config=config.speculative_config)
         self.stats = EngineStats()
         self.output_processor = OutputProcessor(self.tokenizer, self.stats)
         self._request_ids = itertools.count()

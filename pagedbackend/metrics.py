@@ -23,7 +23,8 @@ FINISH_REASONS = ("stop", "length", "abort", "error")
 @dataclass(frozen=True)
 class Metric:
     """One exported number: `key` in `LLMEngine.get_stats()`, `kind` gauge / counter
-    (cumulative) / histogram, the Prometheus name (after `pagedbackend_`) and TorchServe's."""
+    (cumulative) / histogram / positional (a list of counters, one per position, exported with a
+    position label), the Prometheus name (after `pagedbackend_`) and TorchServe's."""
 
     key: str
     kind: str
@@ -75,6 +76,21 @@ METRICS: tuple[Metric, ...] = (
            "PrefixCacheHits"),
     *(Metric(f"requests_finished_{reason}", "counter", "count", f"Samples finished with finish_reason {reason!r}.",
              f"requests_finished_{reason}_total", f"Finished{reason.capitalize()}") for reason in FINISH_REASONS),
+    Metric("spec_decode_num_drafts", "counter", "count",
+           "Speculative decoding: sequence steps that verified proposals.", "spec_decode_num_drafts_total",
+           "SpecDecodeDrafts"),
+    Metric("spec_decode_num_draft_tokens", "counter", "count", "Speculative decoding: tokens proposed and verified.",
+           "spec_decode_num_draft_tokens_total", "SpecDecodeDraftTokens"),
+    Metric("spec_decode_num_accepted_tokens", "counter", "count", "Speculative decoding: proposed tokens accepted.",
+           "spec_decode_num_accepted_tokens_total", "SpecDecodeAcceptedTokens"),
+    Metric("spec_decode_acceptance_rate", "gauge", "percent", "Speculative decoding: accepted / proposed tokens.",
+           "spec_decode_acceptance_rate", "SpecDecodeAcceptanceRatePercent", 100.0),
+    Metric("spec_decode_mean_accepted_length", "gauge", "count",
+           "Speculative decoding: tokens a verifying step emits per sequence (1 + accepted / drafts).",
+           "spec_decode_mean_accepted_length", "SpecDecodeMeanAcceptedLength"),
+    Metric("spec_decode_accepted_per_position", "positional", "count",
+           "Speculative decoding: proposals accepted at each position (label position, 0 = first).",
+           "spec_decode_num_accepted_tokens_per_pos_total", "SpecDecodeAcceptedPerPosition"),
     Metric("time_to_first_token_seconds", "histogram", "s", "Arrival to first token.",
            "time_to_first_token_seconds", "TimeToFirstTokenSeconds"),
     Metric("time_per_output_token_seconds", "histogram", "s", "Mean time between tokens, per request.",
@@ -86,7 +102,7 @@ METRICS: tuple[Metric, ...] = (
 # cannot drift apart): counters and gauges are numbers, histograms their buckets and counts.
 StatsSnapshot = dataclasses.make_dataclass(
     "StatsSnapshot",
-    [(m.key, dict if m.kind == "histogram" else float) for m in METRICS],
+    [(m.key, {"histogram": dict, "positional": list}.get(m.kind, float)) for m in METRICS],
     frozen=True,
     namespace={"__doc__": "A frozen snapshot of the engine's stats; `as_dict()` for exporters.",
                "as_dict": lambda self: dataclasses.asdict(self),

@@ -33,6 +33,8 @@ from pagedbackend.host_upload import HostUpload
 from pagedbackend.input_batch import InputBatch, StepInputs
 from pagedbackend.models.loader import load_model
 from pagedbackend.sampler import Sampler, SamplingBatch, gather_logprobs
+from pagedbackend.spec_decode.proposer import DraftModelProposer, NgramProposer, Proposer
+from pagedbackend.spec_decode.verifier import verify
 from pagedbackend.step import RunnerOutput, SchedulerOutput
 
 logger = logging.getLogger(__name__)
@@ -52,6 +54,9 @@ class ModelRunner:
         self.head_dim = layers[0].head_dim
         self.backend = get_attention_backend(config.attention_backend)
         self.max_blocks_per_seq = -(-config.max_model_len // self.block_size)
+        # A draft model (speculative decoding): its own KV cache, indexed by the same block ids.
+        self.draft_model = load_model(config.draft, progress, str(self.device)) if config.draft else None
+        self.draft_backend = get_attention_backend(config.draft.attention_backend) if config.draft else None
         # On CUDA, measured before the pool takes the memory (and the kernels compiled on the way).
         self.activation_bytes = self.profile_run() if self.device.type == "cuda" else None
         # The same pool (size and block ids) on every rank: the smallest any rank can hold.
@@ -75,6 +80,14 @@ class ModelRunner:
         self.kv_caches = [(self.kv_cache[i, 0], self.kv_cache[i, 1]) for i in range(len(layers))]
         for layer, (key_cache, value_cache) in zip(layers, self.kv_caches):
             layer.bind(self.backend, key_cache, value_cache)
+        self.draft_kv_cache = None
+        if self.draft_model is not None:
+            draft_layers = self.draft_model.attention_layers()
+            shape = self.draft_backend.get_kv_cache_shape(self.num_blocks + 1, draft_layers[0].num_kv_heads,
+                                                          self.block_size, draft_layers[0].head_dim)
+            self.draft_kv_cache = torch.zeros((len(draft_layers), 2, *shape), dtype=config.dtype, device=self.device)
+            for i, layer in enumerate(draft_layers):
+                layer.bind(self.draft_backend, self.draft_kv_cache[i, 0], self.draft_kv_cache[i, 1])
         # Host-memory pool for swap preemption, block-major ([blocks, layers, 2, heads, block,
         # dim]): each host block is one contiguous slab, so a swap copies straight between it
         # and the device (pinned on CUDA: asynchronous DMA, no pageable temporary). Its own
@@ -89,6 +102,14 @@ class ModelRunner:
                                           pin_memory=self.device.type == "cuda")
             logger.info("swap space: %d host blocks (%.1f GiB)", self.num_host_blocks, config.swap_space)
         self.sampler = Sampler(self.device, config.seed)
+        self.proposer: Proposer | None = None
+        self._draft_probs: dict[int, torch.Tensor] = {}  # seq_id -> distribution its proposals were drawn from
+        spec = config.speculative_config
+        if spec is not None and spec.method == "ngram":
+            self.proposer = NgramProposer(spec)
+        elif spec is not None:
+            self.proposer = DraftModelProposer(spec, self.draft_model, self.draft_backend, self.draft_kv_cache,
+                                               config.max_num_batched_tokens, self._tensors, self.sampler)
         self.batch = InputBatch(config.max_num_seqs, config.max_model_len, self.block_size, self.vocab_size)
         self.padded: PaddedDecodeInputs | None = None
         self._graphs: dict[int, Callable[[], None]] = {}  # capture size -> replay
@@ -100,8 +121,11 @@ class ModelRunner:
 
     @property
     def bytes_per_block(self) -> int:
+        """A block's bytes in every cache that holds it: the target's, and the draft model's."""
         elem = torch.empty((), dtype=self.config.dtype).element_size()
-        return 2 * len(self.model.attention_layers()) * self.num_kv_heads * self.block_size * self.head_dim * elem
+        models = [self.model] + ([self.draft_model] if self.draft_model is not None else [])
+        return sum(2 * len(layers) * layers[0].num_kv_heads * self.block_size * layers[0].head_dim * elem
+                   for layers in (m.attention_layers() for m in models))
 
     def _blocks_from_memory(self) -> int:
         cfg = self.config
@@ -218,6 +242,8 @@ class ModelRunner:
         # rank failing here fails the step on all of them (no rank waits in a collective).
         with ranks_agree("preparing the step"):
             self.sampler.forget(out.finished_seq_ids)
+            if self.proposer is not None:
+                self._forget_proposals(out)
             self.batch.apply(out)
             if out.blocks_to_swap_out:
                 swap_out(self.kv_cache, self.host_cache, out.blocks_to_swap_out)
@@ -225,6 +251,8 @@ class ModelRunner:
                 swap_in(self.host_cache, self.kv_cache, out.blocks_to_swap_in)
             if out.blocks_to_copy:
                 self.backend.copy_blocks(self.kv_cache, out.blocks_to_copy)
+                if self.draft_kv_cache is not None:
+                    self.proposer.copy_blocks(out.blocks_to_copy)
             if not out.scheduled:
                 return RunnerOutput.empty()
             step = self.batch.prepare(out)
@@ -243,19 +271,75 @@ class ModelRunner:
             hidden = self._graph_hidden[:size]
         else:
             hidden = self._forward(input_ids, positions, meta)
-        logits = self.model.compute_logits(hidden[logits_indices])
         seq_ids = out.sampled_seq_ids()
+        if step.spec_seqs:
+            result = self._sample_speculative(out, step, hidden, logits_indices, seq_ids)
+        else:
+            result = self._sample(out, step, self.model.compute_logits(hidden[logits_indices]), seq_ids)
+        if step.prompt_rows:
+            result.prompt_logprobs = self._prompt_logprobs(hidden, step.prompt_rows)
+        if out.propose and self.proposer is not None:
+            result.spec_token_ids = self._propose(out, step)
+        return result
+
+    def _sample(self, out: SchedulerOutput, step: StepInputs, logits: torch.Tensor, seq_ids: list[int]) -> RunnerOutput:
+        """One token per sampled row (a beam: its candidates), appended to the batch."""
         sampled = self.sampler(logits, self._sampling_batch(out, step, seq_ids))
         self._append_sampled(out, step, sampled.tokens)
         tokens, beams, logprobs = sampled.tokens, sampled.beam_candidates, sampled.logprobs
         if any(beams) or any(logprobs):  # row by row only when a row is a beam or reports logprobs
-            result = RunnerOutput(seq_ids, [[] if beam is not None else [t] for t, beam in zip(tokens, beams)],
-                                  [None if lp is None else [lp] for lp in logprobs], beams)
-        else:  # the usual step (any() is a C loop)
-            result = RunnerOutput(seq_ids, [[t] for t in tokens], [None] * len(tokens), beams)
-        if step.prompt_rows:
-            result.prompt_logprobs = self._prompt_logprobs(hidden, step.prompt_rows)
-        return result
+            return RunnerOutput(seq_ids, [[] if beam is not None else [t] for t, beam in zip(tokens, beams)],
+                                [None if lp is None else [lp] for lp in logprobs], beams)
+        return RunnerOutput(seq_ids, [[t] for t in tokens], [None] * len(tokens), beams)  # the usual step
+
+    def _sample_speculative(self, out: SchedulerOutput, step: StepInputs, hidden: torch.Tensor,
+                            logits_indices: torch.Tensor, seq_ids: list[int]) -> RunnerOutput:
+        """A step verifying proposals: the rows without proposals sample as usual; each
+        sequence with proposals emits the accepted ones and one token of the target's; the
+        results merge back into the scheduler's row order."""
+        verifying = {seq_id for seq_id, _, _ in step.spec_seqs}
+        plain_ids = [seq_id for seq_id in seq_ids if seq_id not in verifying]
+        spec_index = torch.from_numpy(step.spec_logits_indices).to(hidden.device)
+        index = torch.cat([logits_indices, spec_index]) if plain_ids else spec_index
+        logits = self.model.compute_logits(hidden[index])
+        plain = self._sample(out, step, logits[:len(plain_ids)], plain_ids) if plain_ids else RunnerOutput.empty()
+        verified = verify(self.sampler, self.batch, logits[len(plain_ids):], step.spec_seqs,
+                          {seq_id: self._draft_probs.pop(seq_id) for seq_id in verifying if seq_id in self._draft_probs})
+        rows: dict[int, tuple[list[int], list | None, tuple | None]] = {}
+        for (seq_id, slot, _), tokens, lps in zip(step.spec_seqs, verified.tokens, verified.logprobs):
+            self.batch.append(slot, tokens)
+            rows[seq_id] = (tokens, lps, None)
+        plain_rows = iter(zip(plain.token_ids, plain.logprobs, plain.beam_candidates))
+        merged = [rows[seq_id] if seq_id in rows else next(plain_rows) for seq_id in seq_ids]
+        return RunnerOutput(seq_ids, [r[0] for r in merged], [r[1] for r in merged], [r[2] for r in merged])
+
+    def _propose(self, out: SchedulerOutput, step: StepInputs) -> dict[int, list[int]]:
+        """Proposals for the next step of every sequence that sampled its own token now (not
+        beams; forks join the batch next step). The third field of each candidate: how many
+        tokens a draft model may write the KV of (its lookahead slots, plus the slots of
+        rejected proposals it now re-uses)."""
+        b = self.batch
+        candidates = []
+        for item in out.scheduled:
+            slot = b.slot_of.get(item.seq_id)
+            if not item.sample or slot is None or b.beam_k[slot]:
+                continue
+            room = item.num_computed_tokens + item.num_new_tokens + item.num_lookahead + 1 - int(b.num_tokens[slot])
+            candidates.append((item.seq_id, slot, room))
+        proposals, probs = self.proposer.propose(b, candidates)
+        self._draft_probs.update(probs)
+        return proposals
+
+    def _forget_proposals(self, out: SchedulerOutput) -> None:
+        """Sequences that left the batch lose their proposer state (a draft model's KV
+        position) and the distributions of proposals nobody will verify now."""
+        gone = out.removed_seq_ids + out.finished_seq_ids
+        if gone:
+            self.proposer.forget(gone)
+        if self._draft_probs:
+            verifying = {item.seq_id for item in out.scheduled if item.spec_token_ids}
+            for seq_id in [s for s in self._draft_probs if s not in verifying]:
+                del self._draft_probs[seq_id]
 
     def _forward(self, input_ids: torch.Tensor, positions: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """The backend's per-step preparation, then the model: what a CUDA graph captures."""

@@ -22,6 +22,12 @@ def render(stats: dict[str, Any], labels: dict[str, str] | None = None) -> str:
     lines = []
     for m in METRICS:
         name = PREFIX + m.prometheus
+        if m.kind == "positional":
+            lines += [f"# HELP {name} {m.help}", f"# TYPE {name} counter"]
+            for i, v in enumerate(stats.get(m.key) or ()):
+                position = f'position="{i}"'
+                lines.append(f"{name}{_labels(labels, position)} {float(v)}")
+            continue
         if m.kind != "histogram":
             lines += [f"# HELP {name} {m.help}", f"# TYPE {name} {m.kind}",
                       f"{name}{_labels(labels)} {float(stats.get(m.key, 0))}"]

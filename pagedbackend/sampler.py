@@ -434,6 +434,26 @@ class Sampler:
                 start += n
         return result
 
+    def target_distributions(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """What each row would sample from, for the rejection sampler of speculative decoding:
+        a random row's distribution after masks, bias, penalties, temperature and top-k / top-p
+        / min-p; a greedy row's processed logits (its argmax is its token; a softmax could tie
+        two logits a float apart). Draws no random number."""
+        logits = self._process(logits.float(), batch)
+        if batch.all_greedy:
+            return logits
+        probs = self._filtered_probs(logits, batch)
+        return probs if not batch.any_greedy else torch.where(batch.greedy[:, None], logits, probs)
+
+    def seq_generator(self, seq_id: int, seed: int) -> torch.Generator:
+        """A seeded sequence's own generator (made on its first draw, dropped by `forget`)."""
+        gen = self._seq_generators.get(seq_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(seed)
+            self._seq_generators[seq_id] = gen
+        return gen
+
     def _process(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """Masks, bias and penalties, in vLLM's order (in place where it can be). Rows are
         gathered as `x[rows]`, not `x.index_select(0, rows)`: with this torch's CPU build the
@@ -468,12 +488,7 @@ class Sampler:
         noise = torch.empty_like(probs)
         noise.exponential_(generator=self.generator)
         for row, seq_id, seed in batch.seeded_rows:
-            gen = self._seq_generators.get(seq_id)
-            if gen is None:
-                gen = torch.Generator(device=self.device)
-                gen.manual_seed(seed)
-                self._seq_generators[seq_id] = gen
-            noise[row].exponential_(generator=gen)
+            noise[row].exponential_(generator=self.seq_generator(seq_id, seed))
         return _row_argmax(probs / noise, self.host_fast_paths)
 
     def _filtered_probs(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

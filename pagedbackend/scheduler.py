@@ -21,7 +21,7 @@ and back, falling back to recompute when the host pool is full and for beams.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from operator import attrgetter
 
 from pagedbackend.beam_search import BeamSearchGroup
@@ -59,6 +59,37 @@ class SchedulerStats:
     num_chunked_prefill_steps: int = 0  # steps that computed part, but not all, of a prompt
 
 
+@dataclass
+class SpecDecodeStats:
+    """Speculative decoding so far (vLLM's counters): sequences-steps that verified proposals,
+    the proposals, the accepted ones, and how often the proposal at each position was accepted."""
+
+    num_drafts: int = 0
+    num_draft_tokens: int = 0
+    num_accepted_tokens: int = 0
+    accepted_per_position: list[int] = field(default_factory=list)
+
+    def record(self, num_proposed: int, num_accepted: int) -> None:
+        self.num_drafts += 1
+        self.num_draft_tokens += num_proposed
+        self.num_accepted_tokens += num_accepted
+        per = self.accepted_per_position
+        if len(per) < num_proposed:
+            per.extend([0] * (num_proposed - len(per)))
+        for i in range(num_accepted):
+            per[i] += 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.num_accepted_tokens / self.num_draft_tokens if self.num_draft_tokens else 0.0
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Tokens a verifying step emits per sequence on average: the accepted ones and the
+        target's own (1 + accepted / drafts; 1.0 before any)."""
+        return 1.0 + self.num_accepted_tokens / self.num_drafts if self.num_drafts else 1.0
+
+
 class Scheduler:
     def __init__(
         self,
@@ -69,7 +100,14 @@ class Scheduler:
         enable_chunked_prefill: bool = True,
         policy: str = "fcfs",
         preemption_mode: str = "recompute",
+        num_spec_tokens: int = 0,
+        num_lookahead_slots: int = 0,
+        spec_disable_by_batch_size: int | None = None,
     ) -> None:
+        """`num_spec_tokens` > 0 turns speculative decoding on: the runner proposes up to that
+        many tokens per sampled sequence, and the next step verifies them (unless more than
+        `spec_disable_by_batch_size` sequences are running). `num_lookahead_slots`: KV slots
+        past its tokens each sampling sequence must own for the proposer (a draft model)."""
         if policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}; got {policy!r}")
         if preemption_mode not in PREEMPTION_MODES:
@@ -86,6 +124,10 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.requests: dict[str, list[Sequence]] = {}
         self.stats = SchedulerStats()
+        self.num_spec_tokens = num_spec_tokens
+        self.num_lookahead_slots = num_lookahead_slots
+        self.spec_disable_by_batch_size = spec_disable_by_batch_size
+        self.spec_stats = SpecDecodeStats()
         # What the runner's persistent batch holds, and what it must be told next step.
         self._seqs: dict[int, Sequence] = {}  # every live sequence, by id
         self._in_runner: set[int] = set()
@@ -194,10 +236,37 @@ class Scheduler:
             made_room = self._preempt_for_waiting()
 
         kv, in_runner = self.kv, self._in_runner
+        speculate = self.num_spec_tokens > 0 and (self.spec_disable_by_batch_size is None
+                                                  or len(self.running) <= self.spec_disable_by_batch_size)
+        out.propose = speculate
+        lookahead = self.num_lookahead_slots if speculate else 0
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_left = len(seq.token_ids) - seq.num_computed_tokens
+            drafts: tuple[int, ...] = ()
+            if seq.spec_token_ids:  # proposed last step: verified now, or dropped
+                if speculate and num_left == 1:
+                    drafts = self._capped_drafts(seq, budget)
+                seq.spec_token_ids = []
+            if drafts or lookahead:
+                if _parked(seq):
+                    i += 1
+                    continue
+                num_new = min(num_left, budget) + len(drafts)
+                extra = self._lookahead(seq, seq.num_computed_tokens, num_new, len(drafts), lookahead)
+                while not self.kv.allocate_slots(seq, num_new + extra):
+                    victim = self._pick_victim()
+                    self._preempt(victim)
+                    preempted.append(victim)
+                    if victim is seq:
+                        break
+                if seq.status != SequenceStatus.RUNNING:
+                    break
+                scheduled.append(self._scheduled(seq, num_new, out, drafts, extra))
+                budget -= num_new
+                i += 1
+                continue
             if num_left == 1 and seq.group is None and seq.seq_id in in_runner and kv.fits_next_token(seq):
                 # The usual decode: one token into a block it has, which the runner knows. What
                 # the general path below would decide, without its work: no allocation, no
@@ -232,14 +301,15 @@ class Scheduler:
             for seq in [s for s in self.waiting if not _parked(s)]:
                 if budget <= 0 or len(self.running) + self._seqs_at_admission(seq) > self.max_num_seqs:
                     break
-                num_new = self._admit(seq, budget, can_swap_in)
+                num_new = self._admit(seq, budget, can_swap_in, lookahead)
                 if num_new is None:
                     break  # the first in line waits for blocks; nobody overtakes it
                 self.waiting.remove(seq)
                 seq.status = SequenceStatus.RUNNING
                 self.running.append(seq)
                 if num_new:
-                    scheduled.append(self._scheduled(seq, num_new, out))
+                    scheduled.append(self._scheduled(seq, num_new, out, (),
+                                                     self._lookahead(seq, seq.num_computed_tokens, num_new, 0, lookahead)))
                     budget -= num_new
 
         if not scheduled and not preempted and self.waiting and self.running and all(_parked(s) for s in self.running):
@@ -258,14 +328,16 @@ class Scheduler:
         self._record(out)
         return out
 
-    def _admit(self, seq: Sequence, budget: int, can_swap_in: bool) -> int | None:
+    def _admit(self, seq: Sequence, budget: int, can_swap_in: bool, lookahead: int = 0) -> int | None:
         """Room for a waiting sequence's next tokens: how many it computes this step, or None
         (nothing changed) if it cannot start now. A swapped-out sequence gets fresh blocks its
         KV is copied back into; any other starts after its longest prefix-cache hit, its prompt
-        counted once, at its first admission."""
+        counted once, at its first admission. A sequence that samples this step also gets
+        `lookahead` slots past its tokens (a draft model's proposals)."""
         if seq.status == SequenceStatus.SWAPPED:
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            if not can_swap_in or not self.kv.swap_in(seq, num_new):
+            extra = self._lookahead(seq, seq.num_computed_tokens, num_new, 0, lookahead)
+            if not can_swap_in or not self.kv.swap_in(seq, num_new + extra):
                 return None
             self.stats.num_swapped_in += 1
             return num_new
@@ -275,13 +347,30 @@ class Scheduler:
             if not self.enable_chunked_prefill:
                 return None
             num_new = budget
-        if not self.kv.allocate_slots(seq, num_new, hits):
+        extra = self._lookahead(seq, num_hit_tokens, num_new, 0, lookahead)
+        if not self.kv.allocate_slots(seq, num_new + extra, hits):
             return None
         if seq.status == SequenceStatus.WAITING:  # its first admission: count the prompt once
             seq.num_cached_tokens = num_hit_tokens
             self.kv.prefix_stats.record(seq.num_tokens, num_hit_tokens)
         seq.num_computed_tokens = num_hit_tokens
         return num_new
+
+    def _capped_drafts(self, seq: Sequence, budget: int) -> tuple[int, ...]:
+        """The proposals a decode verifies this step: no more than the step's budget leaves
+        room for, and never so many that the tokens it may emit (the accepted proposals and
+        one of the target's) pass max_model_len or max_tokens."""
+        room = min(budget, self.max_model_len - seq.num_tokens) - 1
+        if seq.max_num_tokens is not None:
+            room = min(room, seq.max_num_tokens - seq.num_tokens - 1)
+        return tuple(seq.spec_token_ids[:max(room, 0)])
+
+    def _lookahead(self, seq: Sequence, num_computed: int, num_new: int, num_drafts: int, lookahead: int) -> int:
+        """KV slots past the step's tokens for a sequence that samples this step (where a draft
+        model writes its proposals' KV), within max_model_len; none for beams."""
+        if not lookahead or seq.beam_k or num_computed + num_new != seq.num_tokens + num_drafts:
+            return 0
+        return max(0, min(lookahead, self.max_model_len - num_computed - num_new))
 
     def _seqs_at_admission(self, seq: Sequence) -> int:
         """Sequences a waiting one becomes: itself, or its group's (unforked samples, beams)."""
@@ -303,10 +392,11 @@ class Scheduler:
             preempted.append(victim)
         return preempted
 
-    def _scheduled(self, seq: Sequence, num_new: int, out: SchedulerOutput) -> ScheduledSeq:
+    def _scheduled(self, seq: Sequence, num_new: int, out: SchedulerOutput, drafts: tuple[int, ...] = (),
+                   num_lookahead: int = 0) -> ScheduledSeq:
         """The step's entry for `seq`, and what the runner's batch must learn about it: all of
         it if the runner does not hold it, else only its new blocks and tokens."""
-        sample = seq.num_computed_tokens + num_new == seq.num_tokens
+        sample = seq.num_computed_tokens + num_new == seq.num_tokens + len(drafts)
         forks = seq.group.forks(seq) if sample and seq.group is not None else ()
         if seq.seq_id not in self._in_runner:
             self._in_runner.add(seq.seq_id)
@@ -321,7 +411,8 @@ class Scheduler:
             tokens = self._runner_tokens.pop(seq.seq_id, None)
             if tokens:
                 out.new_token_ids[seq.seq_id] = tokens
-        return ScheduledSeq(seq.seq_id, seq.request_id, seq.num_computed_tokens, num_new, sample, forks)
+        return ScheduledSeq(seq.seq_id, seq.request_id, seq.num_computed_tokens, num_new, sample, forks, drafts,
+                            num_lookahead)
 
     def _pick_victim(self) -> Sequence:
         """The last running sequence: the newest under fcfs; under the priority policy the
@@ -334,6 +425,7 @@ class Scheduler:
         recomputes prompt + generated tokens (likely prefix-cache hits) when readmitted."""
         self.running.remove(seq)
         self._leave_runner(seq)
+        seq.spec_token_ids = []
         seq.num_preemptions += 1
         self.stats.num_preemptions += 1
         if (self.preemption_mode == "swap" and (seq.group is None or seq.group.swappable)
@@ -381,8 +473,13 @@ class Scheduler:
                 row += 1 + len(item.forks)
             if seq is None or seq.status is not running:
                 continue  # aborted while the step ran; its sampled tokens are dropped
-            seq.num_computed_tokens += item.num_new_tokens
+            num_drafts = len(item.spec_token_ids)
+            # The drafts' KV counts once verified, below (the hashes of blocks being cached
+            # read the tokens, and the drafts are not tokens yet).
+            seq.num_computed_tokens += item.num_new_tokens - num_drafts
             cache_computed_blocks(seq)
+            if item.sample and (num_drafts or item.num_lookahead):
+                self._settle_speculation(seq, num_drafts, token_ids[first])
             prompt_logprobs = all_prompt_logprobs.get(seq.seq_id) if all_prompt_logprobs else None
             if prompt_logprobs:
                 seq.num_prompt_logprobs += len(prompt_logprobs)
@@ -395,7 +492,24 @@ class Scheduler:
                 outputs.append(self._append_tokens(seq, token_ids[first], logprobs[first], prompt_logprobs))
             else:
                 self._apply(seq.group.on_sampled(seq, first, result), result, outputs, seq, prompt_logprobs)
+            if num_drafts and seq.status is running:  # the accepted drafts' KV is the sequence's
+                seq.num_computed_tokens = seq.num_tokens - 1
+                cache_computed_blocks(seq)
+        if result.spec_token_ids and out.propose:
+            for seq_id, drafts in result.spec_token_ids.items():
+                seq = seqs.get(seq_id)
+                if seq is not None and seq.status is running:
+                    seq.spec_token_ids = drafts
         return outputs
+
+    def _settle_speculation(self, seq: Sequence, num_drafts: int, tokens: list[int]) -> None:
+        """After a step that verified `num_drafts` proposals (or gave the sequence lookahead
+        slots), before its tokens are appended: count what was accepted, and free the blocks
+        that only hold rejected positions or unused lookahead (the KV slots of the tokens it
+        now has stay; the rejected slots in them are overwritten later)."""
+        if num_drafts:
+            self.spec_stats.record(num_drafts, len(tokens) - 1)
+        self.kv.trim(seq, seq.num_tokens + max(len(tokens), 1))
 
     def _apply(self, decisions: list[Decision], result: RunnerOutput, outputs: list[CoreOutput],
                seq: Sequence, prompt_logprobs: list[TokenLogprobs] | None) -> None:

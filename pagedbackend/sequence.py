@@ -86,7 +86,7 @@ class Sequence(SampledTokens):
     __slots__ = ("seq_id", "token_ids", "num_computed_tokens", "status", "params", "group",
                  "request_id", "index", "prompt_len", "cumulative_logprob", "num_cached_tokens", "max_num_tokens",
                  "all_stop_token_ids", "reports_logprobs", "arrival_time", "priority", "stop_reason",
-                 "num_preemptions", "block_hashes", "num_prompt_logprobs", "bad_words_ids")
+                 "num_preemptions", "block_hashes", "num_prompt_logprobs", "bad_words_ids", "spec_token_ids")
 
     def __init__(
         self,
@@ -127,6 +127,8 @@ class Sequence(SampledTokens):
         self.num_prompt_logprobs = 0
         # Token-id sequences that must not be generated (bad_words, tokenized by the engine).
         self.bad_words_ids: list[list[int]] = []
+        # Tokens proposed for its next step (speculative decoding), until that step is scheduled.
+        self.spec_token_ids: list[int] = []
         # The multi-sequence request this sequence belongs to while their lives are tied (samples
         # not forked yet, a beam search): a pagedbackend.request_group.RequestGroup; None for a
         # plain sequence, which is nearly every one.

@@ -58,7 +58,12 @@ class ForkSeq:
 class ScheduledSeq:
     """One sequence's work in the step: compute `num_new_tokens` tokens after its first
     `num_computed_tokens`; `sample` when they end at its last known token. (Slots: one is built
-    per running sequence every step, so building and reading them is on the hot path.)"""
+    per running sequence every step, so building and reading them is on the hot path.)
+
+    Speculative decoding: `spec_token_ids` are proposals that follow its last known token, the
+    last of the `num_new_tokens` (the runner verifies them all in this step's forward pass);
+    `num_lookahead` is how many KV slots past those tokens the sequence owns, where a draft
+    model may write the KV of its next proposals after the step."""
 
     seq_id: int
     request_id: str
@@ -66,11 +71,14 @@ class ScheduledSeq:
     num_new_tokens: int
     sample: bool
     forks: tuple[ForkSeq, ...] = ()  # a tuple: the usual step has none, and () is not an allocation
+    spec_token_ids: tuple[int, ...] = ()
+    num_lookahead: int = 0
 
 
 # C-level field readers for whole-batch passes over `SchedulerOutput.scheduled`.
 _num_new_tokens = attrgetter("num_new_tokens")
 _forks = attrgetter("forks")
+_spec_token_ids = attrgetter("spec_token_ids")
 
 
 @dataclass
@@ -87,6 +95,9 @@ class SchedulerOutput:
     blocks_to_swap_out: list[tuple[int, int]] = field(default_factory=list)  # (device, host)
     blocks_to_swap_in: list[tuple[int, int]] = field(default_factory=list)  # (host, device)
     preempted_seq_ids: list[int] = field(default_factory=list)
+    # Speculative decoding: the runner proposes tokens for the sequences it samples, for the
+    # next step (off while more sequences run than `disable_by_batch_size`).
+    propose: bool = False
 
     @property
     def num_batched_tokens(self) -> int:
@@ -122,6 +133,8 @@ class RunnerOutput:
     beam_candidates: list[tuple[list[float], list[int]] | None]
     # seq_id -> logprobs of the prompt tokens this step's chunk predicted, in position order
     prompt_logprobs: dict[int, list[TokenLogprobs]] = field(default_factory=dict)
+    # seq_id -> tokens proposed for its next step (speculative decoding, when asked to propose)
+    spec_token_ids: dict[int, list[int]] = field(default_factory=dict)
 
     @classmethod
     def empty(cls) -> "RunnerOutput":

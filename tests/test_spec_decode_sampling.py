@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pagedbackend.spec_decode import propose_ngram, rejection_sample
+from pagedbackend.spec_decode.ngram import propose_ngram
+from pagedbackend.spec_decode.rejection import rejection_sample
 
 # chi-square critical values at significance 0.001 by degrees of freedom (scipy is not a dependency)
 CHI2_CRITICAL_0_001 = {5: 20.515}

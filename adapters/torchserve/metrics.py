@@ -19,10 +19,21 @@ try:  # imported lazily by TorchServe workers; tests of this module run without 
 except ImportError:  # pragma: no cover
     MetricTypes = None  # type: ignore[assignment]
 
+
+def _dimension(name: str, value: str) -> Any:
+    """TorchServe's metric dimension (name, value); a plain pair where TorchServe is absent."""
+    try:
+        from ts.metrics.dimension import Dimension
+    except ImportError:  # pragma: no cover
+        return (name, value)
+    return Dimension(name, value)
+
 GAUGES = {m.torchserve: (m.key, m.unit, m.scale) for m in METRICS if m.kind == "gauge"}
 COUNTERS = {m.torchserve: m.key for m in METRICS if m.kind == "counter"}  # emitted as increments
 # Seconds, as Prometheus expects (TorchServe's histogram buckets run from 5 ms to 10 s).
 HISTOGRAMS = {m.key: m.torchserve for m in METRICS if m.kind == "histogram"}
+# Lists of counters, one per position: emitted as increments with a Position dimension.
+POSITIONAL = {m.torchserve: m.key for m in METRICS if m.kind == "positional"}
 
 
 class EngineMetrics:
@@ -63,6 +74,14 @@ class EngineMetrics:
                 if delta > 0 or name not in self._last:
                     self._metrics.add_metric(name, delta, "count", metric_type=MetricTypes.COUNTER)
                     self._last[name] = total
+            for name, key in POSITIONAL.items():
+                for i, total in enumerate(stats.get(key) or ()):
+                    label = f"{name}/{i}"
+                    delta = int(total) - self._last.get(label, 0)
+                    if delta > 0:
+                        self._metrics.add_metric(name, delta, "count", dimensions=[_dimension("Position", str(i))],
+                                                 metric_type=MetricTypes.COUNTER)
+                        self._last[label] = int(total)
 
     def request_finished(self, out: RequestOutput) -> None:
         m = out.metrics

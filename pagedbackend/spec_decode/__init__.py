@@ -1,10 +1,8 @@
-"""Speculative decoding: proposers (n-gram prompt lookup) and the rejection sampler that keeps
-the target model's output distribution exactly (greedy: token for token).
+"""Speculative decoding: the runner proposes tokens after a step (`proposer`: n-gram prompt
+lookup, or a draft model with its own KV in the target's block ids), the scheduler schedules
+them as part of the sequence's next step (a short query over its context) and rolls back what
+is rejected, and the runner verifies them (`verifier` over `rejection`), keeping the target
+model's output distribution exactly (greedy: token for token).
 
-Not yet wired into the scheduler and runner (issue 15): these are the parts the step will call
-— `propose_ngram` on the host before scheduling, `rejection_sample` on the verified logits."""
-
-from pagedbackend.spec_decode.ngram import propose_ngram
-from pagedbackend.spec_decode.rejection import RejectionOutput, rejection_sample
-
-__all__ = ["RejectionOutput", "propose_ngram", "rejection_sample"]
+`config` (what `speculative_config` means) imports nothing heavy: the scheduler's side must
+import without torch. Import the other modules by name."""
