@@ -461,9 +461,9 @@ class EngineArgs:
                              f"{spec.model}) is not the target's ({target.vocab_size}); a draft must share the "
                              "target's tokenizer")
         positions = draft.max_position_embeddings
-        if positions is not None and positions < max_model_len + spec.num_speculative_tokens:
+        if positions is not None and positions < max_model_len:  # proposals stay within max_model_len
             raise ValueError(f"speculative_config: the draft model handles {positions} positions, fewer than "
-                             f"max_model_len + num_speculative_tokens = {max_model_len + spec.num_speculative_tokens}")
+                             f"max_model_len={max_model_len}; lower max_model_len")
         impl = "native" if has_native(draft.architecture) else "transformers"
         if impl == "transformers":
             causal_lm_class(draft)

@@ -95,7 +95,8 @@ class ModelRunner:
         self.num_host_blocks = 0
         self.host_cache = None
         if config.preemption_mode == "swap":
-            self.num_host_blocks = int(config.swap_space * 2**30 // self.bytes_per_block)
+            # Only the target's KV is swapped (a draft model recomputes its own on resumption).
+            self.num_host_blocks = int(config.swap_space * 2**30 // self._block_bytes(self.model))
             # Empty: a host block is always written (swap out) before it is read (swap in).
             block_shape = self.backend.get_kv_cache_shape(1, self.num_kv_heads, self.block_size, self.head_dim)[1:]
             self.host_cache = torch.empty((self.num_host_blocks, len(layers), 2, *block_shape), dtype=config.dtype,
@@ -122,10 +123,13 @@ class ModelRunner:
     @property
     def bytes_per_block(self) -> int:
         """A block's bytes in every cache that holds it: the target's, and the draft model's."""
-        elem = torch.empty((), dtype=self.config.dtype).element_size()
         models = [self.model] + ([self.draft_model] if self.draft_model is not None else [])
-        return sum(2 * len(layers) * layers[0].num_kv_heads * self.block_size * layers[0].head_dim * elem
-                   for layers in (m.attention_layers() for m in models))
+        return sum(self._block_bytes(m) for m in models)
+
+    def _block_bytes(self, model) -> int:
+        layers = model.attention_layers()
+        elem = torch.empty((), dtype=self.config.dtype).element_size()
+        return 2 * len(layers) * layers[0].num_kv_heads * self.block_size * layers[0].head_dim * elem
 
     def _blocks_from_memory(self) -> int:
         cfg = self.config

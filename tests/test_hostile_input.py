@@ -236,9 +236,10 @@ def test_every_metric_of_the_table_is_in_the_stats_and_rendered(engine):
         snapshot.num_running = 3
     assert snapshot.generation_tokens == stats["generation_tokens"] >= 3
     text = render(stats, {"model": "m"})
-    for m in METRICS:
-        assert f"# TYPE pagedbackend_{m.prometheus} {m.kind}" in text
-    exported = set(ts_metrics.GAUGES) | set(ts_metrics.COUNTERS) | set(ts_metrics.HISTOGRAMS.values())
+    for m in METRICS:  # a positional metric is a counter per position
+        assert f"# TYPE pagedbackend_{m.prometheus} {'counter' if m.kind == 'positional' else m.kind}" in text
+    exported = (set(ts_metrics.GAUGES) | set(ts_metrics.COUNTERS) | set(ts_metrics.HISTOGRAMS.values())
+                | set(ts_metrics.POSITIONAL))
     assert exported == {m.torchserve for m in METRICS}
     assert {"num_swapped", "num_free_host_blocks", "num_running_requests", "num_waiting_requests"} <= {
         m.key for m in METRICS}

@@ -441,3 +441,27 @@ def test_example_clients_run_against_the_server(server, script, url, idle_after)
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert ("cancelled" in done.stdout) if script == "client_tritonclient.py" else ("finish_reason=" in done.stdout)
+
+
+def test_speculative_config_serves_the_tokens_offline_generation_gives_and_exports_spec_metrics(model_dir,
+                                                                                                 make_engine):
+    """A second server, drafting with its own model: several tokens per step, the same text."""
+    import urllib.request
+
+    path = str(model_dir("llama"))
+    spec = {"method": "draft_model", "model": path, "num_speculative_tokens": 3}
+    with PyTritonServer(EngineArgs(model=path, max_num_seqs=8, speculative_config=spec), model_name="llm") as srv:
+        events = sse_stream(srv.http_url, {"text_input": PROMPTS[3], "stream": True, "exclude_input_in_output": True,
+                                           "sampling_parameters": json.dumps({"max_tokens": 17, "temperature": 0,
+                                                                              "ignore_eos": True})})
+        ids = []
+        for e in events:
+            ids += e["token_ids"] if isinstance(e["token_ids"], list) else [e["token_ids"]]
+        text = "".join(e["text_output"] for e in events)
+        metrics = urllib.request.urlopen(srv.metrics.url, timeout=10).read().decode()
+        stats = srv.engine.get_stats()
+    assert [(text, ids)] == offline(make_engine, model_dir, [PROMPTS[3]],
+                                    [SamplingParams(max_tokens=17, temperature=0, ignore_eos=True)])
+    assert len(events) < 17  # streamed deltas carried several tokens
+    assert stats["spec_decode_acceptance_rate"] == 1.0
+    assert 'pagedbackend_spec_decode_num_accepted_tokens_per_pos_total{model="llm",position="0"}' in metrics

@@ -388,3 +388,18 @@ def test_the_engine_process_ending_ends_every_rank(how, model_dir, tmp_path):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_tp2_with_ngram_speculation_equals_transformers(name, model_dir, make_engine):
+    """Every rank proposes the same n-gram tokens from the same batch, and verifies them in one
+    forward pass; the engine reads rank 0's answer."""
+    path = model_dir(name)
+    shared, prompts = _prompts()
+    prompts = [p + p[-12:] for p in prompts]  # each repeats a span: n-gram lookup proposes from the start
+    spec = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+    llm = make_engine(path, "llm", tensor_parallel_size=2, speculative_config=spec, **STRESS)
+    assert _greedy(llm, [shared]) + _greedy(llm, prompts) == [hf_greedy(path, p, MAX_NEW) for p in [shared, *prompts]]
+    stats = llm.llm_engine.get_stats()
+    assert stats["num_preemptions"] > 0 and stats["prefix_cache_hits"] > 0
+    assert stats["spec_decode_num_accepted_tokens"] > 0

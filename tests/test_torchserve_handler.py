@@ -16,6 +16,7 @@ import ts  # noqa: E402
 from ts.context import Context, RequestProcessor  # noqa: E402
 from ts.metrics.metric_cache_yaml_impl import MetricsCacheYamlImpl  # noqa: E402
 
+from pagedbackend import SamplingParams  # noqa: E402
 from pagedbackend.adapters.torchserve.handler import PagedLLMHandler  # noqa: E402
 from pagedbackend.adapters.torchserve.launcher import build_archive  # noqa: E402
 
@@ -143,6 +144,29 @@ def test_continuous_batching_steps_stream_and_stop(loaded):
     assert finished == {"a", "b"}
     counts = {r: sum(len(json.loads(line)["token_ids"]) for line in texts[r].splitlines()) for r in texts}
     assert counts == {"a": 6, "b": 9}
+
+
+def test_speculative_decoding_from_the_handler_section_streams_several_tokens_per_step(loaded, model_dir,
+                                                                                       make_engine):
+    spec = {"method": "draft_model", "model": str(model_dir("llama")), "num_speculative_tokens": 3}
+    h, ctx = loaded(speculative_config=spec)
+    body = {"prompt": "alpha beta", "max_tokens": 13, "stream": True, "ignore_eos": True, "temperature": 0}
+    lines, first = [], True
+    for _ in range(100):
+        set_batch(ctx, ["a"])
+        out = h.handle([{"body": json.dumps(body).encode()} if first else {}], ctx)
+        first = False
+        lines += [json.loads(line) for line in out[0].splitlines()]
+        if ctx.stopping_criteria[0](None):
+            break
+    ids = [t for line in lines for t in line["token_ids"]]
+    expected = make_engine(model_dir("llama"), "llm").generate(
+        ["alpha beta"], SamplingParams(max_tokens=13, temperature=0, ignore_eos=True), use_tqdm=False)[0].outputs[0]
+    assert ids == expected.token_ids
+    assert max(len(line["token_ids"]) for line in lines) > 1  # a step's delta carried several tokens
+    stats = h.engine.get_stats()
+    assert stats["spec_decode_num_drafts"] > 0 and stats["spec_decode_acceptance_rate"] == 1.0
+    h.metrics.refresh()  # the spec counters go through TorchServe's metrics cache, position dimension included
 
 
 def test_request_dropped_from_the_batch_is_aborted(loaded):

@@ -1,0 +1,205 @@
+"""Speculative decoding: time per output token (TPOT) and generated tok/s at batch 1, 8 and 64,
+without speculation, with n-gram prompt lookup, with a small draft model and with the target
+drafting for itself, same model, same requests, one invocation.
+
+    python benchmarks/spec_decode.py                       # trains the models first if missing (~6 min)
+    python benchmarks/spec_decode.py --batch-sizes 1,8 --repeat 3
+
+The workload copies: each prompt is a chunk of Python standard-library source followed by the
+chunk's first tokens again, so the continuation repeats what the prompt holds (as summarizing,
+editing and retrieval-augmented answers do). Random-weight models rarely copy, so the target and
+the draft are small Llamas trained here on the standard library's source by
+`benchmarks/train_copy_model.py` (their sizes and copy accuracy are printed). The configurations:
+
+- `none`: no speculation (the baseline every ratio is against, same batch size, same round);
+- `ngram`: prompt lookup, k tokens, `prompt_lookup_min`/`max` 1..3;
+- `draft`: the small draft model proposes k tokens;
+- `self`: the target as its own draft: acceptance is 1.0 by construction, the upper bound of the
+  mechanism (every proposal accepted, k + 1 tokens per step); each proposal costs a target-sized
+  forward pass, so it is not a speed-up;
+
+all with `disable_by_batch_size` (default 32): at batch 64 no step speculates, so speculation
+must cost (nearly) nothing there. Rounds alternate the configurations (A B C D A B C D ...) after
+a warm-up round; each cell reports the median of --repeat rounds. TPOT is each request's mean
+time between its tokens (vLLM's definition), median over requests; at batch 1 the requests run
+one after another. Acceptance rate and accepted tokens per position come from the engine's
+counters. Greedy outputs must be equal across configurations (checked). Writes
+benchmarks/out/spec_decode.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from workload import OUT  # noqa: E402
+
+MODELS = OUT / "models"
+TARGET, DRAFT = MODELS / "copy-llama-target", MODELS / "copy-llama-draft"
+CONFIGS = ("none", "ngram", "draft", "self")
+
+
+def ensure_models(args) -> None:
+    if (args.target / "config.json").exists() and (args.draft / "config.json").exists():
+        return
+    print("training the copying models (benchmarks/train_copy_model.py) ...", flush=True)
+    subprocess.run([sys.executable, str(HERE / "train_copy_model.py")], check=True)
+
+
+def copy_prompts(tokenizer, num: int, chunk_tokens: int, repeat_tokens: int, seed: int = 1) -> list[list[int]]:
+    """`num` prompts: a chunk of a standard-library file, then its first `repeat_tokens` again."""
+    import random
+
+    root = Path(os.__file__).parent
+    files = sorted(p for p in root.glob("*.py") if p.stat().st_size > 8000)
+    rng = random.Random(seed)
+    prompts = []
+    while len(prompts) < num:
+        ids = tokenizer(rng.choice(files).read_text(errors="replace"))["input_ids"]
+        if len(ids) < chunk_tokens + 1:
+            continue
+        start = rng.randrange(0, len(ids) - chunk_tokens)
+        chunk = ids[start:start + chunk_tokens]
+        prompts.append(chunk + chunk[:repeat_tokens])
+    return prompts
+
+
+def spec_config(name: str, args) -> dict | None:
+    k, off = args.num_speculative_tokens, args.disable_by_batch_size
+    if name == "ngram":
+        return {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 1, "prompt_lookup_max": 3,
+                "disable_by_batch_size": off}
+    if name in ("draft", "self"):
+        model = args.draft if name == "draft" else args.target
+        return {"method": "draft_model", "model": str(model), "num_speculative_tokens": k, "disable_by_batch_size": off}
+    return None
+
+
+def run(llm, prompts: list[list[int]], batch: int, max_tokens: int) -> dict:
+    """Generate for `prompts` in groups of `batch` requests at once (one at a time for batch 1)."""
+    from pagedbackend import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    before = llm.llm_engine.get_stats()
+    tpots, outputs, generated = [], [], 0
+    start = time.perf_counter()
+    for i in range(0, len(prompts), batch):
+        outs = llm.generate([{"prompt_token_ids": p} for p in prompts[i:i + batch]], params, use_tqdm=False)
+        for o in outs:
+            tpots.append(o.metrics.time_per_output_token)
+            outputs.append(o.outputs[0].token_ids)
+            generated += len(o.outputs[0].token_ids)
+    elapsed = time.perf_counter() - start
+    after = llm.llm_engine.get_stats()
+    drafts = after["spec_decode_num_draft_tokens"] - before["spec_decode_num_draft_tokens"]
+    accepted = after["spec_decode_num_accepted_tokens"] - before["spec_decode_num_accepted_tokens"]
+    steps = after["spec_decode_num_drafts"] - before["spec_decode_num_drafts"]
+    per_pos = [a - b for a, b in zip(after["spec_decode_accepted_per_position"],
+                                     before["spec_decode_accepted_per_position"] + [0] * 64)]
+    return {"tpot_ms": 1e3 * statistics.median(tpots), "gen_tok_s": generated / elapsed, "elapsed_s": elapsed,
+            "acceptance": accepted / drafts if drafts else None, "verify_steps": steps,
+            "accepted_per_position": [round(a / steps, 3) for a in per_pos] if steps else [], "outputs": outputs}
+
+
+def model_info(path: Path) -> str:
+    info = path / "train_info.json"
+    config = json.loads((path / "config.json").read_text())
+    text = (f"{path.name}: Llama {config['num_hidden_layers']} layers x {config['hidden_size']}, vocab "
+            f"{config['vocab_size']}")
+    if info.exists():
+        data = json.loads(info.read_text())
+        keys = [k for k in ("params", "minutes", "final_loss", "copy_accuracy") if k in data]
+        text += " (" + ", ".join(f"{k} {data[k]:.3g}" if isinstance(data[k], float) else f"{k} {data[k]}"
+                                 for k in keys) + ")"
+    return text
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", type=Path, default=TARGET)
+    p.add_argument("--draft", type=Path, default=DRAFT)
+    p.add_argument("--batch-sizes", default="1,8,64")
+    p.add_argument("--requests-at-batch-1", type=int, default=4, help="requests run one after another at batch 1")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--chunk-tokens", type=int, default=160)
+    p.add_argument("--repeat-tokens", type=int, default=10)
+    p.add_argument("--num-speculative-tokens", type=int, default=4)
+    p.add_argument("--disable-by-batch-size", type=int, default=32)
+    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--out", type=Path, default=OUT / "spec_decode.json")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    ensure_models(args)
+
+    from transformers import AutoTokenizer
+
+    from pagedbackend import LLM
+
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    configs = args.configs.split(",")
+    tokenizer = AutoTokenizer.from_pretrained(args.target)
+    prompts = copy_prompts(tokenizer, max(max(batches), args.requests_at_batch_1), args.chunk_tokens,
+                           args.repeat_tokens)
+    print(f"target {model_info(args.target)}\ndraft  {model_info(args.draft)}", flush=True)
+    print(f"workload: copying prompts of {len(prompts[0])} tokens ({args.chunk_tokens} of stdlib source, then its "
+          f"first {args.repeat_tokens} again), {args.max_tokens} greedy tokens each; k={args.num_speculative_tokens}, "
+          f"disable_by_batch_size={args.disable_by_batch_size}; torch {torch.__version__}, {args.threads} threads",
+          flush=True)
+    llms = {c: LLM(str(args.target), speculative_config=spec_config(c, args), max_num_seqs=max(batches),
+                   max_model_len=512, enable_prefix_caching=False) for c in configs}
+    results: dict[str, dict[str, list[dict]]] = {c: {str(b): [] for b in batches} for c in configs}
+    for batch in batches:
+        work = prompts[:args.requests_at_batch_1] if batch == 1 else prompts[:batch]
+        for c in configs:  # warm-up round
+            run(llms[c], work[:batch], batch, 8)
+        for _ in range(args.repeat):
+            for c in configs:
+                results[c][str(batch)].append(run(llms[c], work, batch, args.max_tokens))
+                print(f"  batch {batch:>2} {c:<6} TPOT {results[c][str(batch)][-1]['tpot_ms']:7.2f} ms", flush=True)
+
+    reference = {b: results["none"][str(b)][0]["outputs"] for b in batches} if "none" in results else None
+    print(f"\n{'batch':>5} {'config':<6} {'TPOT ms':>8} {'x lower':>8} {'gen tok/s':>10} {'x tok/s':>8} "
+          f"{'accept':>7}  accepted per position (per verifying step)")
+    summary: dict = {}
+    equal = True
+    for batch in batches:
+        base = results.get("none", {}).get(str(batch))
+        for c in configs:
+            rounds = results[c][str(batch)]
+            tpot = statistics.median(r["tpot_ms"] for r in rounds)
+            tok_s = statistics.median(r["gen_tok_s"] for r in rounds)
+            acc = [r["acceptance"] for r in rounds if r["acceptance"] is not None]
+            per_pos = rounds[-1]["accepted_per_position"]
+            ratio_tpot = statistics.median(b["tpot_ms"] / r["tpot_ms"] for b, r in zip(base, rounds)) if base else None
+            ratio_tok = statistics.median(r["gen_tok_s"] / b["gen_tok_s"] for b, r in zip(base, rounds)) if base else None
+            if reference is not None:
+                equal &= all(r["outputs"] == reference[batch] for r in rounds)
+            summary.setdefault(str(batch), {})[c] = {
+                "tpot_ms": tpot, "tpot_lower_x": ratio_tpot, "gen_tok_s": tok_s, "gen_tok_s_x": ratio_tok,
+                "acceptance": statistics.median(acc) if acc else None, "accepted_per_position": per_pos,
+                "runs_tpot_ms": [round(r["tpot_ms"], 3) for r in rounds]}
+            print(f"{batch:>5} {c:<6} {tpot:>8.2f} {ratio_tpot or 0:>8.2f} {tok_s:>10.0f} {ratio_tok or 0:>8.2f} "
+                  f"{(f'{statistics.median(acc):.2f}' if acc else '-'):>7}  {per_pos}")
+    print(f"greedy outputs equal across configurations: {equal}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"target": model_info(args.target), "draft": model_info(args.draft),
+                                    "args": {k: str(v) for k, v in vars(args).items()}, "results": summary,
+                                    "outputs_equal": equal}, indent=1))
+    print(f"wrote {args.out}")
+    return 0 if equal else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
