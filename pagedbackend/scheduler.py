@@ -249,25 +249,8 @@ class Scheduler:
                 if speculate and num_left == 1:
                     drafts = self._capped_drafts(seq, budget)
                 seq.spec_token_ids = []
-            if drafts or lookahead:
-                if _parked(seq):
-                    i += 1
-                    continue
-                num_new = min(num_left, budget) + len(drafts)
-                extra = self._lookahead(seq, seq.num_computed_tokens, num_new, len(drafts), lookahead)
-                while not self.kv.allocate_slots(seq, num_new + extra):
-                    victim = self._pick_victim()
-                    self._preempt(victim)
-                    preempted.append(victim)
-                    if victim is seq:
-                        break
-                if seq.status != SequenceStatus.RUNNING:
-                    break
-                scheduled.append(self._scheduled(seq, num_new, out, drafts, extra))
-                budget -= num_new
-                i += 1
-                continue
-            if num_left == 1 and seq.group is None and seq.seq_id in in_runner and kv.fits_next_token(seq):
+            if (num_left == 1 and not drafts and not lookahead and seq.group is None and seq.seq_id in in_runner
+                    and kv.fits_next_token(seq)):
                 # The usual decode: one token into a block it has, which the runner knows. What
                 # the general path below would decide, without its work: no allocation, no
                 # preemption, nothing new for the runner's batch (no blocks, no tokens, no forks).
@@ -275,11 +258,12 @@ class Scheduler:
                 budget -= 1
                 i += 1
                 continue
-            num_new = min(num_left, budget)
+            num_new = min(num_left, budget) + len(drafts)
             if _parked(seq):  # a beam that reported, waiting for the rest of its group
                 i += 1
                 continue
-            while not self.kv.allocate_slots(seq, num_new):
+            extra = self._lookahead(seq, seq.num_computed_tokens, num_new, len(drafts), lookahead)
+            while not self.kv.allocate_slots(seq, num_new + extra):
                 victim = self._pick_victim()
                 self._preempt(victim)
                 preempted.append(victim)
@@ -287,7 +271,7 @@ class Scheduler:
                     break
             if seq.status != SequenceStatus.RUNNING:
                 break  # it preempted itself: nothing younger is left to schedule
-            scheduled.append(self._scheduled(seq, num_new, out))
+            scheduled.append(self._scheduled(seq, num_new, out, drafts, extra))
             budget -= num_new
             i += 1
         # Running sequences ran out of blocks: admitting more now would only thrash.

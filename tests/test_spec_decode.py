@@ -318,6 +318,32 @@ def test_a_draft_model_request_aborted_mid_step_frees_its_blocks_and_draft_state
     assert engine.kv_cache_manager.num_free_blocks == engine.kv_cache_manager.num_blocks
 
 
+@pytest.mark.parametrize("method", ["ngram", "draft_other"])
+def test_rejected_proposals_and_unused_lookahead_free_the_blocks_only_they_held(method, model_dir, make_engine):
+    """After every step a decoding sequence holds the blocks of its tokens and no more, though
+    the step computed (and, for a draft model, reserved lookahead for) up to k positions past
+    them; mostly rejected here (another model drafts, or random-weight lookups)."""
+    path = model_dir("llama")
+    spec = NGRAM if method == "ngram" else _draft(model_dir("llama-mha"), k=6)
+    engine = make_engine(path, speculative_config=spec, max_model_len=256, block_size=8)
+    for i, p in enumerate(_prompts(seed=16)):
+        engine.add_request(str(i), {"prompt_token_ids": p}, SamplingParams(temperature=0.0, max_tokens=30))
+    kv, checked, rejected = engine.kv_cache_manager, 0, 0
+    seen = []
+    stats = engine.scheduler.spec_stats
+    record = stats.record
+    stats.record = lambda m, a: (seen.append((m, a)), record(m, a))
+    while engine.has_unfinished_requests():
+        engine.step()
+        for seq in engine.scheduler.running:
+            if seq.num_computed_tokens == seq.num_tokens - 1:  # decoding (its prompt is computed)
+                # the slots of its tokens (the newest one's is allocated when it is computed)
+                assert -(-(seq.num_tokens - 1) // 8) <= len(kv.blocks(seq)) <= -(-seq.num_tokens // 8), seq
+                checked += 1
+    rejected = sum(m - a for m, a in seen)
+    assert checked > 50 and rejected > 20
+
+
 def test_speculation_is_off_while_more_sequences_run_than_disable_by_batch_size(model_dir, make_engine):
     path = model_dir("llama")
     spec = {**_draft(path), "disable_by_batch_size": 2}
