@@ -21,18 +21,22 @@ def _chi_square(observed: torch.Tensor, probs: torch.Tensor) -> float:
 
 
 # ------------------------------------------------------------------ n-gram proposals
-def test_ngram_proposes_what_followed_the_most_recent_earlier_match():
+def test_ngram_proposes_what_followed_the_earliest_match():
     ids = [1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3]
-    # suffix [1, 2, 3] occurred at 0 and 5; the most recent (5) was followed by 7, 8, 5
-    assert propose_ngram(ids, 3, min_n=1, max_n=3) == [7, 8, 5]
-    assert propose_ngram(ids, 10, min_n=1, max_n=3) == [7, 8, 5, 1, 2, 3]  # up to the end
+    # suffix [1, 2, 3] occurred at 0 and 5; the earliest (vLLM's choice) was followed by 9, 9, 1
+    assert propose_ngram(ids, 3, min_n=1, max_n=3) == [9, 9, 1]
+    assert propose_ngram(ids, 20, min_n=1, max_n=3) == ids[3:]  # up to the end
+    # a repeating output: the earliest match has k tokens after it, the latest only one
+    assert propose_ngram([4, 7, 7, 7, 7], 3, min_n=1, max_n=1) == [7, 7, 7]
 
 
 def test_ngram_prefers_the_longest_suffix_that_matches():
-    # [4, 5] last occurred before 6; [5] alone last occurred before 8
-    ids = [4, 5, 6, 0, 5, 8, 0, 4, 5]
-    assert propose_ngram(ids, 1, min_n=1, max_n=2) == [6]
-    assert propose_ngram(ids, 1, min_n=1, max_n=1) == [8]
+    # [4, 5] occurred before 6; [5] alone first occurred before 6, then before 8
+    ids = [4, 5, 0, 5, 8, 0, 4, 5, 6, 2, 4, 5]
+    assert propose_ngram(ids, 1, min_n=1, max_n=2) == [0]  # [4, 5] at 0
+    ids = [5, 3, 0, 4, 5, 8, 4, 5]
+    assert propose_ngram(ids, 1, min_n=1, max_n=2) == [8]  # [4, 5] at 3 beats [5] at 0
+    assert propose_ngram(ids, 1, min_n=1, max_n=1) == [3]
 
 
 def test_ngram_proposes_nothing_without_a_match_of_at_least_min_n():

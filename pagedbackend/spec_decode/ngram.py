@@ -1,10 +1,11 @@
 """N-gram (prompt lookup) proposals: if the sequence's last n tokens occurred before, propose
 the tokens that followed that occurrence. Costs no model and no KV: a step verifies them.
 
-vLLM's rule (`prompt_lookup_min` / `prompt_lookup_max`): the longest n in [min, max] whose
-suffix has an earlier match wins; among its matches the most recent one, whose continuation is
-the likeliest to still apply (the same choice as llama.cpp's lookup decoding). Plain host code
-over a numpy array: one pass per n, vectorised."""
+vLLM's rule (`prompt_lookup_min` / `prompt_lookup_max`, its v1 `NgramProposer`): the longest n
+in [min, max] whose suffix has an earlier match wins; among its matches the earliest, which has
+the most tokens after it (in a repeating output the most recent match is followed only by the
+suffix itself: one token to propose where the earliest offers k). Plain host code over a numpy
+array: one pass per n, vectorised."""
 
 from __future__ import annotations
 
@@ -28,6 +29,6 @@ def propose_ngram(token_ids: Sequence[int] | np.ndarray, num_tokens: int, min_n:
         windows = np.lib.stride_tricks.sliding_window_view(ids[:length - 1], n)
         hits = np.flatnonzero((windows == suffix).all(axis=1))
         if len(hits):
-            start = int(hits[-1]) + n  # what followed the most recent earlier occurrence
+            start = int(hits[0]) + n  # what followed the earliest occurrence
             return ids[start:start + num_tokens].tolist()
     return []
