@@ -236,9 +236,7 @@ class Scheduler:
             made_room = self._preempt_for_waiting()
 
         kv, in_runner = self.kv, self._in_runner
-        speculate = self.num_spec_tokens > 0 and (self.spec_disable_by_batch_size is None
-                                                  or len(self.running) <= self.spec_disable_by_batch_size)
-        out.propose = speculate
+        speculate = self._speculating()
         lookahead = self.num_lookahead_slots if speculate else 0
         i = 0
         while i < len(self.running) and budget > 0:
@@ -304,6 +302,10 @@ class Scheduler:
             self._preempt(victim)
             preempted.append(victim)
 
+        # Proposals are for the next step: asked for when it will speculate, by the sequences
+        # running after this step's admissions (a draft model proposes only into the lookahead
+        # slots a sequence got, so a step that started busier proposes nothing it cannot hold).
+        out.propose = self._speculating()
         out.finished_seq_ids, self._finished_seq_ids = self._finished_seq_ids, []
         out.removed_seq_ids, self._removed = self._removed, []
         out.blocks_to_swap_out, out.blocks_to_swap_in = self.kv.take_pending_swaps()
@@ -339,6 +341,12 @@ class Scheduler:
             self.kv.prefix_stats.record(seq.num_tokens, num_hit_tokens)
         seq.num_computed_tokens = num_hit_tokens
         return num_new
+
+    def _speculating(self) -> bool:
+        """Whether a step verifies proposals now: speculation is on, and no more sequences are
+        running than `disable_by_batch_size`."""
+        return self.num_spec_tokens > 0 and (self.spec_disable_by_batch_size is None
+                                             or len(self.running) <= self.spec_disable_by_batch_size)
 
     def _capped_drafts(self, seq: Sequence, budget: int) -> tuple[int, ...]:
         """The proposals a decode verifies this step: no more than the step's budget leaves
