@@ -264,7 +264,7 @@ class EngineArgs:
         help="speculative decoding, vLLM's dict (JSON on the command line): `{\"method\": \"ngram\", "
              "\"num_speculative_tokens\": k, \"prompt_lookup_min\": m, \"prompt_lookup_max\": M}` or "
              "`{\"method\": \"draft_model\", \"model\": DIR, \"num_speculative_tokens\": k}`, optionally "
-             "`\"disable_by_batch_size\": N` (no speculation while more than N sequences run); outputs stay the "
+             "`\"disable_by_batch_size\": N` (no speculation while more than N sequences run or wait); outputs stay the "
              "target model's (greedy: token for token)")
     max_prompt_chars: int | None = setting(
         None, minimum=1, doc_default="derived",

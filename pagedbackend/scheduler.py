@@ -106,7 +106,7 @@ class Scheduler:
     ) -> None:
         """`num_spec_tokens` > 0 turns speculative decoding on: the runner proposes up to that
         many tokens per sampled sequence, and the next step verifies them (unless more than
-        `spec_disable_by_batch_size` sequences are running). `num_lookahead_slots`: KV slots
+        `spec_disable_by_batch_size` sequences are running or waiting). `num_lookahead_slots`: KV slots
         past its tokens each sampling sequence must own for the proposer (a draft model)."""
         if policy not in SCHEDULING_POLICIES:
             raise ValueError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}; got {policy!r}")
@@ -302,9 +302,9 @@ class Scheduler:
             self._preempt(victim)
             preempted.append(victim)
 
-        # Proposals are for the next step: asked for when it will speculate, by the sequences
-        # running after this step's admissions (a draft model proposes only into the lookahead
-        # slots a sequence got, so a step that started busier proposes nothing it cannot hold).
+        # Proposals are for the next step: asked for when it will speculate, counted after this
+        # step's preemptions (a draft model proposes only into the lookahead slots a sequence
+        # got, so a step that started busier proposes nothing it cannot hold).
         out.propose = self._speculating()
         out.finished_seq_ids, self._finished_seq_ids = self._finished_seq_ids, []
         out.removed_seq_ids, self._removed = self._removed, []
@@ -344,9 +344,11 @@ class Scheduler:
 
     def _speculating(self) -> bool:
         """Whether a step verifies proposals now: speculation is on, and no more sequences are
-        running than `disable_by_batch_size`."""
+        enqueued (running or waiting, as vLLM counts for `disable_by_batch_size`) than that
+        limit. Waiting ones count: a burst that will fill the batch turns speculation off from
+        its first step, not after its prompts' proposals were paid for."""
         return self.num_spec_tokens > 0 and (self.spec_disable_by_batch_size is None
-                                             or len(self.running) <= self.spec_disable_by_batch_size)
+                                             or len(self.running) + len(self.waiting) <= self.spec_disable_by_batch_size)
 
     def _capped_drafts(self, seq: Sequence, budget: int) -> tuple[int, ...]:
         """The proposals a decode verifies this step: no more than the step's budget leaves

@@ -4,6 +4,7 @@ metrics and accounting (against a fake server)."""
 
 from __future__ import annotations
 
+import json
 import statistics
 import sys
 from pathlib import Path
@@ -239,3 +240,23 @@ def test_paired_ratios_compare_the_runs_of_each_round():
     assert paired_speed_ratios([10.0, 20.0, 10.0], [20.0, 40.0, 20.0]) == [2.0, 2.0, 2.0]
     with pytest.raises(ValueError):
         paired_speed_ratios([1.0], [1.0, 2.0])
+
+
+def test_the_early_exit_draft_keeps_the_first_layers_and_drafts_for_its_target(model_dir, make_engine):
+    from safetensors.torch import load_file
+    from spec_decode import early_exit_draft
+
+    from pagedbackend import SamplingParams
+
+    target = model_dir("llama")
+    draft = early_exit_draft(target, 1)
+    assert json.loads((draft / "config.json").read_text())["num_hidden_layers"] == 1
+    names = set(load_file(draft / "model.safetensors"))
+    assert any(".layers.0." in n for n in names) and not any(".layers.1." in n for n in names)
+    assert "lm_head.weight" in names and (draft / "tokenizer.json").is_file()
+    llm = make_engine(target, "llm", max_model_len=128,
+                      speculative_config={"method": "draft_model", "model": str(draft), "num_speculative_tokens": 2})
+    out = llm.generate([{"prompt_token_ids": [5, 6, 7, 8]}], SamplingParams(temperature=0.0, max_tokens=8),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 8
+    assert llm.llm_engine.get_stats()["spec_decode_num_drafts"] > 0

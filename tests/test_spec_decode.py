@@ -344,7 +344,7 @@ def test_rejected_proposals_and_unused_lookahead_free_the_blocks_only_they_held(
     assert checked > 50 and rejected > 20
 
 
-def test_speculation_is_off_while_more_sequences_run_than_disable_by_batch_size(model_dir, make_engine):
+def test_speculation_is_off_while_more_sequences_run_or_wait_than_disable_by_batch_size(model_dir, make_engine):
     path = model_dir("llama")
     spec = {**_draft(path), "disable_by_batch_size": 2}
     engine = make_engine(path, speculative_config=spec, max_model_len=256)
@@ -354,11 +354,11 @@ def test_speculation_is_off_while_more_sequences_run_than_disable_by_batch_size(
                            SamplingParams(temperature=0.0, max_tokens=8 + 6 * i, ignore_eos=True))
     drafts_while_busy, drafts_when_quiet = 0, 0
     while engine.has_unfinished_requests():
-        running = len(engine.scheduler.running)
+        enqueued = len(engine.scheduler.running) + len(engine.scheduler.waiting)
         before = engine.get_stats()["spec_decode_num_drafts"]
         engine.step()
         delta = engine.get_stats()["spec_decode_num_drafts"] - before
-        if running > 2:
+        if enqueued > 2:
             drafts_while_busy += delta
         else:
             drafts_when_quiet += delta

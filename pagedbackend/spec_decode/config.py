@@ -4,8 +4,8 @@
     {"method": "draft_model", "model": DIR, "num_speculative_tokens": k}
 
 plus `disable_by_batch_size` (vLLM's key; the older engine argument was
-`speculative_disable_by_batch_size`): when more sequences than that are running, a step does not
-speculate. As in vLLM, a config naming a `model` and no `method` is a draft model, and n-gram
+`speculative_disable_by_batch_size`): when more sequences than that are enqueued (running or
+waiting, as vLLM counts), a step does not speculate. As in vLLM, a config naming a `model` and no `method` is a draft model, and n-gram
 lookup sizes default to each other, or to 5 when neither is given. Anything else is an error
 naming the key, raised before a weight is loaded.
 """
