@@ -28,7 +28,7 @@ must cost (nearly) nothing there. Rounds alternate the configurations (A B C D A
 a warm-up round; each cell reports the median of --repeat rounds and the median of the per-round
 ratios to `none`. TPOT is each request's mean time between its tokens (vLLM's definition),
 median over requests; at batch 1 the requests run one after another. Greedy outputs must be
-equal across configurations (checked). Writes benchmarks/out/spec_decode.json.
+equal across configurations (checked). Writes benchmarks/out/spec_decode.json and .png.
 """
 
 from __future__ import annotations
@@ -131,6 +131,28 @@ def model_info(path: Path) -> str:
             f"{config['vocab_size']}")
 
 
+def plot(summary: dict, configs: list[str], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batches = list(summary)
+    width = 0.8 / len(configs)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, c in enumerate(configs):
+        values = [summary[b][c]["tpot_lower_x"] or 0.0 for b in batches]
+        bars = ax.bar([j + (i - (len(configs) - 1) / 2) * width for j in range(len(batches))], values, width, label=c)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.axhline(1.0, color="gray", linewidth=0.8)
+    ax.set_xticks(range(len(batches)), [f"batch {b}" for b in batches])
+    ax.set_ylabel("TPOT x lower than no speculation")
+    ax.set_title(title, fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--target", type=Path, help="target model directory (default: the reference model)")
@@ -202,7 +224,9 @@ def main() -> int:
     args.out.write_text(json.dumps({"target": model_info(args.target), "draft": model_info(args.draft),
                                     "args": {k: str(v) for k, v in vars(args).items()}, "results": summary,
                                     "outputs_equal": equal}, indent=1))
-    print(f"wrote {args.out}")
+    plot(summary, configs, args.out.with_suffix(".png"), f"speculative decoding, k={args.num_speculative_tokens}, "
+         f"{model_info(args.target)}")
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')}")
     return 0 if equal else 1
 
 

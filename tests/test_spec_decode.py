@@ -208,6 +208,19 @@ def test_penalties_bias_min_tokens_and_n_samples_give_the_outputs_they_give_with
     assert spec_llm.llm_engine.get_stats()["spec_decode_num_drafts"] > 0
 
 
+@pytest.mark.parametrize("method", ["ngram", "draft_self"])
+def test_a_seeded_request_samples_the_same_tokens_alone_and_in_a_batch(method, model_dir, make_engine):
+    path = model_dir("llama")
+    llm = make_engine(path, "llm", max_model_len=256, speculative_config=NGRAM if method == "ngram" else _draft(path))
+    prompts = _prompts(seed=17)[:5]
+    seeded = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=24, ignore_eos=True)
+    alone = llm.generate([{"prompt_token_ids": prompts[0]}], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    others = SamplingParams(temperature=1.0, max_tokens=24, ignore_eos=True)
+    batch = llm.generate([{"prompt_token_ids": p} for p in prompts], [seeded] + [others] * 4, use_tqdm=False)
+    assert batch[0].outputs[0].token_ids == alone
+    assert llm.llm_engine.get_stats()["spec_decode_num_drafts"] > 0
+
+
 # ------------------------------------------------------------------ unbiased sampling
 def _tiny_vocab_model(out: Path, tokenizer, seed: int) -> Path:
     """A Llama of TINY_VOCAB tokens (a byte-level tokenizer has at least 262, so the model's
