@@ -499,11 +499,13 @@ class Scheduler:
     def _settle_speculation(self, seq: Sequence, num_drafts: int, tokens: list[int]) -> None:
         """After a step that verified `num_drafts` proposals (or gave the sequence lookahead
         slots), before its tokens are appended: count what was accepted, and free the blocks
-        that only hold rejected positions or unused lookahead (the KV slots of the tokens it
-        now has stay; the rejected slots in them are overwritten later)."""
+        past the slots whose KV is now the sequence's (its tokens but the newest, whose slot
+        the next step allocates as any decode's). A block holding only rejected positions or
+        unused lookahead must not stay: a fork (n > 1) would share it, and with no computed
+        token in it, neither side would copy it before writing."""
         if num_drafts:
             self.spec_stats.record(num_drafts, len(tokens) - 1)
-        self.kv.trim(seq, seq.num_tokens + max(len(tokens), 1))
+        self.kv.trim(seq, seq.num_tokens + len(tokens) - 1)
 
     def _apply(self, decisions: list[Decision], result: RunnerOutput, outputs: list[CoreOutput],
                seq: Sequence, prompt_logprobs: list[TokenLogprobs] | None) -> None:

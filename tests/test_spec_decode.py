@@ -221,6 +221,26 @@ def test_a_seeded_request_samples_the_same_tokens_alone_and_in_a_batch(method, m
     assert llm.llm_engine.get_stats()["spec_decode_num_drafts"] > 0
 
 
+@pytest.mark.parametrize("prompt_len", [32, 37])  # the samples fork at a block edge, and inside a block
+def test_samples_forked_after_lookahead_share_no_block_they_will_write(prompt_len, model_dir, make_engine):
+    """A block with no computed token of a sequence is its own (a shared one would be written by
+    both samples without a copy: copy-on-write only covers partial blocks of computed tokens)."""
+    path = model_dir("llama")
+    engine = make_engine(path, max_model_len=256, speculative_config=_draft(path))
+    prompt = random_prompts([prompt_len], 1024, seed=18)[0]
+    engine.add_request("a", {"prompt_token_ids": prompt},
+                       SamplingParams(n=2, temperature=0.8, seed=7, max_tokens=20, ignore_eos=True))
+    kv, bs, forked = engine.kv_cache_manager, engine.config.block_size, False
+    while engine.has_unfinished_requests():
+        engine.step()
+        running = engine.scheduler.running
+        forked |= len(running) == 2
+        for seq in running:
+            for block in kv.blocks(seq)[-(-seq.num_computed_tokens // bs):]:  # past its computed tokens
+                assert block.ref_cnt == 1, (seq, block)
+    assert forked and engine.get_stats()["spec_decode_num_drafts"] > 0
+
+
 # ------------------------------------------------------------------ unbiased sampling
 def _tiny_vocab_model(out: Path, tokenizer, seed: int) -> Path:
     """A Llama of TINY_VOCAB tokens (a byte-level tokenizer has at least 262, so the model's

@@ -184,3 +184,22 @@ def test_a_seeded_row_samples_the_same_whatever_its_batch():
         assert run([2, 1, 0], {1: seed, 0: seed + 100})[1] == alone  # another seeded row too
         outputs.add(tuple(alone))
     assert len(outputs) > 3  # the seed does matter
+
+
+def test_a_seeded_row_draws_the_same_numbers_whatever_the_longest_proposal_in_its_batch():
+    """Its generator advances by its own proposals: alone with k = 1 or beside a row of k = 3."""
+    torch.manual_seed(0)
+    probs = torch.softmax(torch.randn(2, 4, VOCAB), dim=-1)
+    drafts = torch.tensor([[1, 0, 0], [2, 3, 4]])
+    results, states = [], []
+    for batch in (False, True):
+        gen = torch.Generator().manual_seed(77)
+        if batch:
+            out = rejection_sample(probs, drafts, [1, 3], [False, False], generators=[gen, None],
+                                   default_generator=torch.Generator().manual_seed(1))
+        else:
+            out = rejection_sample(probs[:1, :2], drafts[:1, :1], [1], [False], generators=[gen])
+        results.append((out.tokens[0], out.num_accepted[0]))
+        states.append(torch.rand(4, generator=gen))
+    assert results[0] == results[1]
+    assert torch.equal(states[0], states[1])  # its next step draws the same numbers too

@@ -110,7 +110,9 @@ class DraftModelProposer:
                     pending[seq_id] = start + n
             self._step(batch, SchedulerOutput(items), slots, drafts, probs)
         for seq_id in want:
-            self.computed[seq_id] = int(batch.num_tokens[slots[seq_id]])
+            # All but the newest token: its slot may be in a block the scheduler frees after
+            # this step (see Scheduler._settle_speculation); the next catch-up rewrites it.
+            self.computed[seq_id] = int(batch.num_tokens[slots[seq_id]]) - 1
 
         # One position per step for the rest: the previous proposal at the next position.
         for j in range(1, max(want.values())):

@@ -11,10 +11,11 @@ top-p / min-p, i.e. what the request would sample from), and the proposer's q_1.
   the emitted token is drawn from max(p_i - q_i, 0), normalised; when all are accepted the bonus
   token is drawn from p_{m+1}. An n-gram proposal is a point mass: q_i(d_i) = 1, so d_i is
   accepted with probability p_i(d_i) and a rejection draws from p_i without d_i.
-A random row draws k uniforms (those past its m proposals unused) and one vocabulary of
-exponential noise (the final token is taken by the exponential race, argmax(r / E), as the
-sampler does). A seeded request's row draws them from its own generator, so its output does not
-depend on its batch; the other random rows draw theirs from the engine's generator in one call.
+A random row draws uniforms for its acceptance tests and one vocabulary of exponential noise
+(the final token is taken by the exponential race, argmax(r / E), as the sampler does). A
+seeded request's row draws m uniforms and its noise from its own generator, so its output does
+not depend on its batch; the other random rows draw theirs (k uniforms each, those past their
+m unused) from the engine's generator in one call.
 Greedy rows draw nothing. Rows without proposals are not this sampler's: they sample as usual.
 
 Everything is batched over rows and positions; the host reads the result once (`tolist`)."""
@@ -76,9 +77,9 @@ def rejection_sample(target_probs: torch.Tensor, draft_tokens: torch.Tensor, num
         index = torch.tensor(engine_rows, device=device)
         uniforms[index] = torch.rand(len(engine_rows), k, generator=default_generator, device=device)
         noise[index] = torch.empty(len(engine_rows), vocab, device=device).exponential_(generator=default_generator)
-    for r in range(rows):
+    for r in range(rows):  # a seeded row draws for its own proposals only: not for the batch's longest
         if not greedy[r] and generators[r] is not None:
-            uniforms[r] = torch.rand(k, generator=generators[r], device=device)
+            uniforms[r, :num_drafts[r]] = torch.rand(num_drafts[r], generator=generators[r], device=device)
             noise[r].exponential_(generator=generators[r])
 
     target_argmax = probs_k.argmax(dim=-1)
