@@ -98,6 +98,24 @@ def test_greedy_with_speculation_matches_transformers_under_swap_preemption(meth
     assert stats["spec_decode_num_drafts"] > 0
 
 
+@pytest.mark.parametrize("method", ["ngram", "draft_other"])
+def test_prefix_cache_hits_on_blocks_written_while_proposals_were_rejected_give_the_same_output(
+        method, model_dir, make_engine):
+    """Blocks enter the prefix cache only once their tokens are verified: a second request whose
+    prompt is the first one's prompt and output reuses those blocks and continues exactly."""
+    path = model_dir("gpt2")
+    spec = NGRAM if method == "ngram" else _draft(model_dir("llama"))
+    llm = make_engine(path, "llm", speculative_config=spec, max_model_len=256, block_size=8)
+    seen = _record_steps(llm)
+    prompts = _prompts(seed=19)[2:6]
+    first = _greedy(llm, prompts, max_tokens=40)
+    assert sum(m - a for m, a in seen) > 10  # many proposals were rejected while those blocks filled
+    hits = llm.llm_engine.get_stats()["prefix_cache_hits"]
+    longer = [p + out for p, out in zip(prompts, first)]
+    assert _greedy(llm, longer, max_tokens=10) == [hf_greedy(path, p, 10) for p in longer]
+    assert llm.llm_engine.get_stats()["prefix_cache_hits"] - hits >= sum(len(p) // 8 * 8 for p in longer) - 8 * 4
+
+
 def test_target_as_its_own_draft_accepts_every_proposal_and_emits_k_plus_one_per_full_step(model_dir, make_engine):
     path = model_dir("llama")
     llm = make_engine(path, "llm", speculative_config=_draft(path), max_model_len=256)
