@@ -303,9 +303,7 @@ class ModelRunner:
         results merge back into the scheduler's row order."""
         verifying = {seq_id for seq_id, _, _ in step.spec_seqs}
         plain_ids = [seq_id for seq_id in seq_ids if seq_id not in verifying]
-        spec_index = torch.from_numpy(step.spec_logits_indices).to(hidden.device)
-        index = torch.cat([logits_indices, spec_index]) if plain_ids else spec_index
-        logits = self.model.compute_logits(hidden[index])
+        logits = self.model.compute_logits(hidden[logits_indices])  # plain rows first (see _tensors)
         plain = self._sample(out, step, logits[:len(plain_ids)], plain_ids) if plain_ids else RunnerOutput.empty()
         verified = verify(self.sampler, self.batch, logits[len(plain_ids):], step.spec_seqs,
                           {seq_id: self._draft_probs.pop(seq_id) for seq_id in verifying if seq_id in self._draft_probs})
@@ -407,12 +405,16 @@ class ModelRunner:
 
     def _tensors(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         """The step's arrays as device tensors: input ids, positions, attention metadata and the
-        rows to compute logits for. On CUDA they travel as one pinned buffer, one copy that
+        rows to compute logits for (the sampled rows, then the verifying ones). On CUDA they travel as one pinned buffer, one copy that
         does not block (a pageable copy per array would each wait for the stream); on the CPU
         they are wrapped where they lie."""
         up = HostUpload()
-        for name in ("input_ids", "positions", "slot_mapping", "block_tables", "logits_indices"):
+        for name in ("input_ids", "positions", "slot_mapping", "block_tables"):
             up.add(name, getattr(step, name))
+        logits_indices = step.logits_indices  # sampled rows, then the rows verifying proposals
+        if step.spec_logits_indices is not None:
+            logits_indices = np.concatenate([logits_indices, step.spec_logits_indices])
+        up.add("logits_indices", logits_indices)
         up.add("query_start_loc", step.query_start_loc.astype(np.int32))
         up.add("seq_lens", step.seq_lens.astype(np.int32))
         t = up.send(self.device, one_copy=self.device.type != "cpu")

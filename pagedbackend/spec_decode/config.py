@@ -87,14 +87,6 @@ class SpeculativeConfig:
             raise ValueError("speculative_config: method 'draft_model' needs 'model', the draft model's directory")
         return cls(method, k, model=model, disable_by_batch_size=disable)
 
-    def as_dict(self) -> dict[str, Any]:
-        keys = (("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max") if self.method == "ngram"
-                else ("num_speculative_tokens", "model"))
-        out = {"method": self.method, **{k: getattr(self, k) for k in keys}}
-        if self.disable_by_batch_size is not None:
-            out["disable_by_batch_size"] = self.disable_by_batch_size
-        return out
-
 
 @dataclass
 class DraftModelSpec:

@@ -15,6 +15,7 @@ import torch
 from pagedbackend.input_batch import InputBatch
 from pagedbackend.spec_decode.config import SpeculativeConfig
 from pagedbackend.spec_decode.ngram import propose_ngram
+from pagedbackend.step import ScheduledSeq, SchedulerOutput
 
 # (seq_id, batch slot, room): room is how many positions past its tokens a proposer may write
 # KV for (a draft model; see ModelRunner._propose)
@@ -84,8 +85,6 @@ class DraftModelProposer:
         self.backend.copy_blocks(self.kv_cache, pairs)
 
     def propose(self, batch: InputBatch, seqs: list[Candidate]) -> tuple[dict[int, list[int]], dict[int, torch.Tensor]]:
-        from pagedbackend.step import ScheduledSeq, SchedulerOutput  # noqa: PLC0415 (plain data)
-
         want = {seq_id: min(self.k, room) for seq_id, _, room in seqs if room >= 1}
         if not want:
             return {}, {}
@@ -125,7 +124,7 @@ class DraftModelProposer:
             self._step(batch, SchedulerOutput(items), slots, drafts, probs)
         return drafts, {seq_id: torch.stack(p) for seq_id, p in probs.items() if p}
 
-    def _step(self, batch: InputBatch, out: Any, slots: dict[int, int], drafts: dict[int, list[int]],
+    def _step(self, batch: InputBatch, out: SchedulerOutput, slots: dict[int, int], drafts: dict[int, list[int]],
               probs: dict[int, list[torch.Tensor]]) -> None:
         """One draft forward over `out`'s items; each item ending at its last input samples the
         next proposal of its sequence."""

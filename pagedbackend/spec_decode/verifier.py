@@ -71,10 +71,10 @@ def verify(sampler: Sampler, batch: InputBatch, logits: torch.Tensor, spec_seqs:
     # [S, k + 1, V]: each sequence's positions, padded by repeating its last (ignored) row.
     pad = np.minimum(starts[:-1, None] + np.arange(k + 1)[None, :], starts[1:, None] - 1).reshape(-1)
     target = dist[torch.from_numpy(pad).to(dist.device)].view(num, k + 1, vocab)
-    drafts = torch.zeros(num, k, dtype=torch.int64)
+    drafts = np.zeros((num, k), dtype=np.int64)
     for i, (_, _, d) in enumerate(spec_seqs):
-        drafts[i, :len(d)] = torch.tensor(d, dtype=torch.int64)
-    drafts = drafts.to(dist.device)
+        drafts[i, :len(d)] = d
+    drafts = torch.from_numpy(drafts).to(dist.device)
     q = None
     if draft_probs and any(seq_id in draft_probs for seq_id, _, _ in spec_seqs):
         q = torch.nn.functional.one_hot(drafts, vocab).to(dist.dtype)
