@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/prefix_cache.py
 	$(PY) benchmarks/serving.py
 	$(PY) benchmarks/spec_decode.py
+	$(PY) benchmarks/structured_output.py
 
 # Hostile load against both adapters (benchmarks/soak.py): 48 clients, ~5 minutes per adapter,
 # every answer checked; table on stdout, JSON in benchmarks/out/soak.json. Fails on any check.

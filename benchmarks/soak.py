@@ -1059,10 +1059,18 @@ class TorchServeTarget(Target):
         add("chat/content-int", H, {"messages": [{"role": "user", "content": 5}], "max_tokens": 4},
             "messages[0].content")
         add("chat/type-max_completion_tokens", H, {**ok_chat, "max_completion_tokens": "x"}, "max_tokens")
-        add("chat/response_format-json", H, {**ok_chat, "response_format": {"type": "json_object"}}, "response_format")
+        add("chat/response_format-bad-schema", H, {**ok_chat, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objekt"}}}}, "structured_outputs.json")
+        add("chat/response_format-type", H, {**ok_chat, "response_format": {"type": "xml"}}, "response_format.type")
+        add("chat/guided_json", H, {**ok_chat, "guided_json": {"type": "object"}}, "guided_json")
+        add("chat/structured_outputs-bad-regex", H, {**ok_chat, "structured_outputs": {"regex": "a(b"}},
+            "structured_outputs.regex")
         add("chat/type-logprobs", H, {**ok_chat, "logprobs": "x"}, "logprobs")
         add("chat/top_logprobs-without-logprobs", H, {**ok_chat, "top_logprobs": 2}, "top_logprobs")
-        add("chat/tools", H, {**ok_chat, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools")
+        add("chat/tool_choice-unknown-function", H, {**ok_chat, "tools": [{"type": "function", "function": {"name": "f"}}],
+                                                     "tool_choice": {"type": "function", "function": {"name": "g"}}},
+            "tool_choice")
+        add("chat/tools-not-functions", H, {**ok_chat, "tools": [{"type": "retrieval"}]}, "tools[0]")
         return cases
 
     def run_bad(self, st: Stats, case: "BadCase") -> None:

@@ -238,7 +238,7 @@ class AsyncLLMEngine:
     def stats_snapshot(self) -> StatsSnapshot:
         with self._cv:
             core = dict(self._core_stats)
-        return StatsSnapshot.from_dict({**core, **self.output_processor.stats.snapshot()})
+        return StatsSnapshot.from_dict({**core, **self.engine.frontend_stats()})
 
     # ---------------------------------------------------------------- the loop
     def _loop(self) -> None:

@@ -39,6 +39,7 @@ from pagedbackend.readme import replace_table
 from pagedbackend.models.hf_config import HFConfig
 from pagedbackend.scheduler import PREEMPTION_MODES, SCHEDULING_POLICIES
 from pagedbackend.spec_decode.config import DraftModelSpec, SpeculativeConfig
+from pagedbackend.structured_output.params import StructuredOutputsConfig
 
 logger = logging.getLogger(__name__)
 
@@ -170,6 +171,14 @@ def _check_speculative(value: Any) -> str | None:
     return None
 
 
+def _check_structured_outputs(value: Any) -> str | None:
+    try:
+        StructuredOutputsConfig.parse(value)
+    except ValueError as e:
+        return str(e).removeprefix("structured_outputs_config").lstrip(": ")
+    return None
+
+
 #: vLLM's names for how the ranks of a tensor-parallel engine are run.
 EXECUTOR_BACKENDS = ("uni", "mp", "external_launcher")
 
@@ -266,6 +275,12 @@ class EngineArgs:
              "`{\"method\": \"draft_model\", \"model\": DIR, \"num_speculative_tokens\": k}`, optionally "
              "`\"disable_by_batch_size\": N` (no speculation while more than N sequences run or wait); outputs stay the "
              "target model's (greedy: token for token)")
+    structured_outputs_config: str | dict | None = setting(
+        None, check=_check_structured_outputs, expects="a dict (or its JSON text)",
+        help="structured output (JSON schema, regex, choice, EBNF grammar per request), vLLM's dict: "
+             "`{\"backend\": \"auto\"}` or `{\"backend\": \"xgrammar\"}` (the one backend; grammars compile on "
+             "the submitting thread, cached), and `\"disable_any_whitespace\": true` to make compact JSON (no "
+             "optional whitespace) every request's default")
     max_prompt_chars: int | None = setting(
         None, minimum=1, doc_default="derived",
         help="text prompts longer than this are refused before tokenizing; default: twice the characters "
@@ -434,6 +449,7 @@ class EngineArgs:
             max_prompt_chars=self.max_prompt_chars,
             speculative_config=speculative,
             draft=draft,
+            structured_outputs_config=StructuredOutputsConfig.parse(self.structured_outputs_config),
         )
 
     def _speculative(self, target: ModelConfig, device: str, dtype: torch.dtype, max_model_len: int,
@@ -670,6 +686,7 @@ class EngineConfig:
     cuda_graphs: bool = False
     speculative_config: SpeculativeConfig | None = None
     draft: DraftModelSpec | None = None  # resolved for speculative_config's draft_model method
+    structured_outputs_config: StructuredOutputsConfig = field(default_factory=StructuredOutputsConfig)
 
     # Flat views (not dataclass fields: no annotations).
     block_size = _Flat("cache_config")

@@ -20,7 +20,8 @@ from pagedbackend.sampling_params import SamplingParams
 from pagedbackend.scheduler import CoreOutput, Scheduler
 from pagedbackend.sequence import Sequence, SequenceStatus
 from pagedbackend.spec_decode.config import SpeculativeConfig
-from pagedbackend.step import RequestDone
+from pagedbackend.step import RequestDone, SeqOutput
+from pagedbackend.structured_output.manager import StructuredOutputManager
 
 if TYPE_CHECKING:  # the core itself never needs the frontend's module
     from pagedbackend.executor import Executor
@@ -33,7 +34,7 @@ class EngineCore:
     def __init__(self, executor: "Executor", *, block_size: int, enable_prefix_caching: bool, max_num_seqs: int,
                  max_num_batched_tokens: int, max_model_len: int, enable_chunked_prefill: bool,
                  scheduling_policy: str, preemption_mode: str, eos_token_ids: tuple[int, ...],
-                 speculative_config: SpeculativeConfig | None = None) -> None:
+                 speculative_config: SpeculativeConfig | None = None, vocab_size: int | None = None) -> None:
         self.executor = executor
         self.kv_cache_manager = KVCacheManager(executor.num_blocks, block_size, enable_prefix_caching,
                                                executor.num_host_blocks)
@@ -49,6 +50,8 @@ class EngineCore:
         self.prompt_tokens = 0
         self.generation_tokens = 0
         self._pending: list[CoreOutput] = []  # outputs of aborts, handed out with the next step's
+        # Grammar matchers of constrained sequences (structured output); idle until one arrives.
+        self.structured_output = StructuredOutputManager(vocab_size, eos_token_ids) if vocab_size else None
 
     # --------------------------------------------------------------- requests
     def add(self, req: "PreparedRequest") -> None:
@@ -60,6 +63,8 @@ class EngineCore:
             seq.bad_words_ids = req.bad_words_ids
             seqs.append(seq)
         self.scheduler.add_request(seqs)
+        if req.grammar is not None:
+            self.structured_output.add([s.seq_id for s in seqs], req.grammar)
         self.prompt_tokens += len(ids)
 
     def add_beam_search(self, request_id: str, prompt_token_ids: list[int], params: BeamSearchParams,
@@ -83,11 +88,13 @@ class EngineCore:
         if not self.scheduler.finish_request(request_id, SequenceStatus.FINISHED_ABORTED):
             return False
         self._pending.append(RequestDone(request_id, "abort", beams=group.hypotheses() if group else None))
+        self._sweep_grammars()
         return True
 
     def abort_seqs(self, seq_ids: list[int]) -> None:
         """Sequences the frontend ended (a stop string): free them; it already knows why."""
         self.scheduler.abort_seqs(seq_ids)
+        self._sweep_grammars()
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
@@ -128,6 +135,8 @@ class EngineCore:
             "spec_decode_acceptance_rate": sched.spec_stats.acceptance_rate,
             "spec_decode_mean_accepted_length": sched.spec_stats.mean_accepted_length,
             "spec_decode_accepted_per_position": list(sched.spec_stats.accepted_per_position),
+            "structured_output_requests": (self.structured_output.num_constrained_requests
+                                           if self.structured_output is not None else 0),
         }
 
     # ------------------------------------------------------------------- step
@@ -135,7 +144,10 @@ class EngineCore:
         out = self.scheduler.schedule()
         if out.is_empty and not out.removed_seq_ids and not out.finished_seq_ids:
             return self.take_outputs()
+        grammars = self.structured_output
         try:
+            if grammars:
+                out.grammar = grammars.fill(out)
             result = self.executor.execute(out)
         except ExecutorDied as e:  # no step can run again: fail every request, then say so
             message = str(e)
@@ -148,9 +160,36 @@ class EngineCore:
             message = f"{type(e).__name__}: {e}"
             for request_id in self.scheduler.fail_step(out):
                 self._pending.append(RequestDone(request_id, "error", error=message))
+            self._sweep_grammars()
             return self.take_outputs()
         if out.scheduled:
             self.num_steps += 1
         outputs = self.scheduler.update(out, result)
+        if grammars:
+            outputs += self._advance_grammars(outputs, result.spec_token_ids)
         self.generation_tokens += sum(len(o.new_token_ids) for o in outputs if not isinstance(o, RequestDone))
         return self.take_outputs() + outputs
+
+    def _advance_grammars(self, outputs: list[CoreOutput], proposals: dict[int, list[int]]) -> list[RequestDone]:
+        """After a step: each constrained sequence's matcher takes the tokens it kept, and its
+        new proposals are cut to what its grammar allows. A token the grammar refuses (another
+        mask left no token it allows) fails that request, naming why (after its outputs)."""
+        grammars, scheduler = self.structured_output, self.scheduler
+        failed: list[RequestDone] = []
+        for o in outputs:
+            if isinstance(o, SeqOutput) and o.new_token_ids and o.seq_id in grammars:
+                if not grammars.accept(o.seq_id, o.new_token_ids) and scheduler.finish_request(
+                        o.request_id, SequenceStatus.FINISHED_ERROR):
+                    failed.append(RequestDone(
+                        o.request_id, "error", error="structured_outputs: the sampled token is not allowed by the "
+                                                     "grammar (the request's other masks left no token it allows)"))
+        for seq_id in proposals:
+            seq = scheduler.seq(seq_id)
+            if seq is not None and seq.spec_token_ids and seq_id in grammars:
+                seq.spec_token_ids = grammars.validate_drafts(seq_id, seq.spec_token_ids)
+        self._sweep_grammars()
+        return failed
+
+    def _sweep_grammars(self) -> None:
+        if self.structured_output:
+            self.structured_output.sweep(lambda seq_id: self.scheduler.seq(seq_id) is not None)

@@ -7,6 +7,7 @@ same pieces with the core on its own thread.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import time
@@ -23,6 +24,8 @@ from pagedbackend.model_runner import pin_device
 from pagedbackend.output_processor import OutputProcessor
 from pagedbackend.outputs import RequestOutput
 from pagedbackend.sampling_params import SamplingParams
+from pagedbackend.structured_output.compiler import GrammarCompiler
+from pagedbackend.structured_output.params import StructuredOutputsParams
 from pagedbackend.tokenizer import load_tokenizer, max_token_chars
 
 logger = logging.getLogger(__name__)
@@ -44,6 +47,7 @@ class PreparedRequest:
     arrival_time: float
     priority: int
     bad_words_ids: list[list[int]]
+    grammar: Any = None  # structured output: the compiled grammar (xgrammar), shared through the cache
 
 
 class LLMEngine:
@@ -58,7 +62,10 @@ class LLMEngine:
                                max_num_batched_tokens=config.max_num_batched_tokens,
                                max_model_len=config.max_model_len, enable_chunked_prefill=config.enable_chunked_prefill,
                                scheduling_policy=config.scheduling_policy, preemption_mode=config.preemption_mode,
-                               eos_token_ids=self._eos_ids, speculative_config=config.speculative_config)
+                               eos_token_ids=self._eos_ids, speculative_config=config.speculative_config,
+                               vocab_size=config.model_config.vocab_size)
+        # Grammars for structured output compile on the submitting thread (process_request).
+        self.grammar_compiler = GrammarCompiler(self.tokenizer, config.model_config.vocab_size, self._eos_ids)
         self.stats = EngineStats()
         self.output_processor = OutputProcessor(self.tokenizer, self.stats)
         self._request_ids = itertools.count()
@@ -184,8 +191,16 @@ class LLMEngine:
                                                f"has {len(ids)} input tokens ({params.max_tokens} > "
                                                f"{self.config.max_model_len} - {len(ids)}).")
         bad_words_ids = self._bad_words_ids(params.bad_words) if params.bad_words else []
+        # Last: the one check that may take long (a big schema compiles), once everything
+        # cheaper passed; cached, so a repeated schema costs a lookup.
+        grammar = self._compile_grammar(params.structured_outputs) if params.structured_outputs else None
         arrival = arrival_time if arrival_time is not None else time.monotonic()
-        return PreparedRequest(str(request_id), text, ids, params, arrival, priority, bad_words_ids)
+        return PreparedRequest(str(request_id), text, ids, params, arrival, priority, bad_words_ids, grammar)
+
+    def _compile_grammar(self, constraint: StructuredOutputsParams) -> Any:
+        if self.config.structured_outputs_config.disable_any_whitespace and not constraint.disable_any_whitespace:
+            constraint = dataclasses.replace(constraint, disable_any_whitespace=True)  # the engine's default
+        return self.grammar_compiler.compile(constraint)
 
     def _check_token_ids(self, params: SamplingParams) -> None:
         """Token ids in the request must be rows of the model's logits (vLLM's messages)."""
@@ -276,7 +291,12 @@ class LLMEngine:
         return self.stats_snapshot().as_dict()
 
     def stats_snapshot(self) -> StatsSnapshot:
-        return StatsSnapshot.from_dict({**self.core.stats(), **self.stats.snapshot()})
+        return StatsSnapshot.from_dict({**self.core.stats(), **self.frontend_stats()})
+
+    def frontend_stats(self) -> dict[str, Any]:
+        """What the frontend counts: finished requests and their latencies, grammar compiles
+        (safe from any thread; the core's counters are the engine loop's)."""
+        return {**self.stats.snapshot(), **self.grammar_compiler.stats.snapshot()}
 
     def reset_prefix_cache(self) -> bool:
         """Drop the prefix cache (vLLM's name); False, changing nothing, while requests run."""
@@ -290,4 +310,6 @@ class LLMEngine:
     def check_all_blocks_free(self) -> None:
         """AssertionError unless no request holds a block (tests call this after every run)."""
         self.scheduler.check_all_free()
+        grammars = self.core.structured_output
+        assert not grammars, f"{len(grammars)} grammar matcher(s) outlived their sequences"
 

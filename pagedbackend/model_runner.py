@@ -36,6 +36,7 @@ from pagedbackend.sampler import Sampler, SamplingBatch, gather_logprobs
 from pagedbackend.spec_decode.proposer import DraftModelProposer, NgramProposer, Proposer
 from pagedbackend.spec_decode.verifier import verify
 from pagedbackend.step import RunnerOutput, SchedulerOutput
+from pagedbackend.structured_output.bitmask import grammar_rows
 
 logger = logging.getLogger(__name__)
 
@@ -306,7 +307,8 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[logits_indices])  # plain rows first (see _tensors)
         plain = self._sample(out, step, logits[:len(plain_ids)], plain_ids) if plain_ids else RunnerOutput.empty()
         verified = verify(self.sampler, self.batch, logits[len(plain_ids):], step.spec_seqs,
-                          {seq_id: self._draft_probs.pop(seq_id) for seq_id in verifying if seq_id in self._draft_probs})
+                          {seq_id: self._draft_probs.pop(seq_id) for seq_id in verifying if seq_id in self._draft_probs},
+                          out.grammar)
         rows: dict[int, tuple[list[int], list | None, tuple | None]] = {}
         for (seq_id, slot, _), tokens, lps in zip(step.spec_seqs, verified.tokens, verified.logprobs):
             self.batch.append(slot, tokens)
@@ -372,7 +374,7 @@ class ModelRunner:
                     params = b.params[slot]
                 special.append((row, b.row_view(slot, seq_id, params)))
         return self.sampler.build_batch(b.temperature[slots], b.top_k[slots], b.top_p[slots], b.min_p[slots],
-                                        b.greedy[slots], special, self.vocab_size)
+                                        b.greedy[slots], special, self.vocab_size, grammar_rows(out.grammar, seq_ids))
 
     def _append_sampled(self, out: SchedulerOutput, step: StepInputs, tokens: list[int]) -> None:
         """Append each sequence's own sampled token to its slot (forks enter the batch as new

@@ -15,9 +15,12 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 from pagedbackend.errors import InvalidRequest
+from pagedbackend.openai_tools import (ToolChoice, delta_json, parse_tools, response_format_constraint,
+                                       template_messages, tool_call_json)
 from pagedbackend.outputs import Logprob, PositionLogprobs, RequestOutput
 from pagedbackend.protocol import delta_logprobs, pop_bool, pop_int
 from pagedbackend.sampling_params import SamplingParams
+from pagedbackend.structured_output.params import REMOVED_FIELDS, StructuredOutputsParams, removed_field_error
 
 # OpenAI request fields mapped onto SamplingParams, plus vLLM's extra sampling fields.
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "seed", "stop", "max_tokens", "top_k", "min_p", "min_tokens",
@@ -26,7 +29,7 @@ _SAMPLING_FIELDS = ("n", "temperature", "top_p", "seed", "stop", "max_tokens", "
                     "logit_bias", "allowed_token_ids", "bad_words", "truncate_prompt_tokens", "prompt_logprobs")
 _IGNORED = ("model", "user", "service_tier", "store", "metadata")
 # Accepted only at their "off" value: features of the API this server does not offer.
-_NOT_YET = {"suffix": ("",), "tools": ([],), "tool_choice": ("none",), "parallel_tool_calls": (False, True)}
+_NOT_YET = {"suffix": ("",)}
 # OpenAI's limits on how many alternatives per token may be asked for.
 _MAX_COMPLETION_LOGPROBS = 5
 _MAX_CHAT_TOP_LOGPROBS = 20
@@ -42,6 +45,7 @@ class OpenAIRequest:
     echo: bool = False
     prompt_texts: list[str | None] = field(default_factory=list)
     priority: int = 0
+    tools: ToolChoice | None = None  # chat: the request's tools and tool_choice
 
     @property
     def wants_logprobs(self) -> bool:
@@ -66,6 +70,8 @@ def _sampling(body: dict[str, Any], fields: dict[str, Any] | None = None) -> Sam
                 fields[key] = value
         elif key in _IGNORED:
             continue
+        elif key in REMOVED_FIELDS:
+            raise removed_field_error(key)
         elif key in _NOT_YET:
             if value is not None and value not in _NOT_YET[key]:
                 raise InvalidRequest(key, f"{key} is not supported")
@@ -73,6 +79,25 @@ def _sampling(body: dict[str, Any], fields: dict[str, Any] | None = None) -> Sam
             raise InvalidRequest(key, f"unknown field {key!r}")
     fields.setdefault("max_tokens", 16)
     return SamplingParams.from_dict(fields)
+
+
+def _constraint(body: dict[str, Any], tools: ToolChoice | None = None) -> StructuredOutputsParams | None:
+    """The request's one output constraint: `response_format`, vLLM's `structured_outputs`
+    (extra_body), or a forced tool call; two of them at once is a 400 naming both."""
+    given = {}
+    fmt = response_format_constraint(body.pop("response_format", None))
+    if fmt is not None:
+        given["response_format"] = fmt
+    extra = body.pop("structured_outputs", None)
+    if extra is not None:
+        given["structured_outputs"] = StructuredOutputsParams.from_dict(extra)
+    forced = tools.constraint() if tools is not None else None
+    if forced is not None:
+        given["tool_choice"] = forced
+    if len(given) > 1:
+        names = sorted(given)
+        raise InvalidRequest(names[-1], f"{' and '.join(names)} cannot be used together: each constrains the output")
+    return next(iter(given.values()), None)
 
 
 def _stream_options(body: dict[str, Any], stream: bool) -> bool:
@@ -123,12 +148,17 @@ def parse_completion(body: dict[str, Any]) -> OpenAIRequest:
         if stream and best_of != body.get("n", 1):
             raise InvalidRequest("best_of", "best_of cannot be used with stream (the best are known only at the end)")
         extra["best_of"] = best_of
+    constraint = _constraint(body)
+    if constraint is not None:
+        extra["structured_outputs"] = constraint
     params = _sampling(body, extra)
     return OpenAIRequest("completion", prompts, params, stream, include_usage, echo,
                          [p if isinstance(p, str) else None for p in prompts], priority)
 
 
-def _message_text(i: int, message: Any) -> dict[str, str]:
+def _message(i: int, message: Any) -> dict[str, Any]:
+    """One chat message for the template: role and text content, and the tool-calling fields
+    (an assistant's `tool_calls`, a tool result's `tool_call_id`, a `name`)."""
     if not isinstance(message, dict):
         raise InvalidRequest(f"messages[{i}]", f"messages[{i}] must be an object with role and content")
     role, content = message.get("role"), message.get("content")
@@ -141,20 +171,36 @@ def _message_text(i: int, message: Any) -> dict[str, str]:
                 raise InvalidRequest(f"messages[{i}].content[{j}]", "only text content parts are supported")
             texts.append(part["text"])
         content = "".join(texts)
+    calls = message.get("tool_calls")
+    if content is None and calls:
+        content = ""  # an assistant turn that only called tools
     if not isinstance(content, str):
         raise InvalidRequest(f"messages[{i}].content", f"messages[{i}].content must be a string")
-    return {"role": role, "content": content}
+    out: dict[str, Any] = {"role": role, "content": content}
+    if calls is not None:
+        if not isinstance(calls, list) or not all(isinstance(c, dict) and isinstance(c.get("function"), dict)
+                                                  for c in calls):
+            raise InvalidRequest(f"messages[{i}].tool_calls", f"messages[{i}].tool_calls must be a list of "
+                                                              "{id, type, function: {name, arguments}}")
+        out["tool_calls"] = calls
+    for key in ("tool_call_id", "name"):
+        if message.get(key) is not None:
+            if not isinstance(message[key], str):
+                raise InvalidRequest(f"messages[{i}].{key}", f"messages[{i}].{key} must be a string")
+            out[key] = message[key]
+    return out
 
 
 def parse_chat(body: dict[str, Any], tokenizer: Any, chat_template: str | None = None,
-               max_prompt_chars: int | None = None) -> OpenAIRequest:
+               max_prompt_chars: int | None = None, tool_call_parser: str = "hermes") -> OpenAIRequest:
     """`max_prompt_chars` bounds the messages' text before the template and the tokenizer
-    run on it (the engine's limit for text prompts)."""
+    run on it (the engine's limit for text prompts). `tool_call_parser`: how `tool_choice:
+    "auto"` reads calls from the output (a `tool_parsers.TOOL_PARSERS` name)."""
     body = dict(body)
     messages = body.pop("messages", None)
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("messages", "messages must be a non-empty list")
-    messages = [_message_text(i, m) for i, m in enumerate(messages)]
+    messages = [_message(i, m) for i, m in enumerate(messages)]
     chars = sum(len(m["content"]) for m in messages)
     if max_prompt_chars is not None and chars > max_prompt_chars:
         raise InvalidRequest("messages", f"messages hold {chars} characters, more than max_prompt_chars={max_prompt_chars}")
@@ -162,9 +208,8 @@ def parse_chat(body: dict[str, Any], tokenizer: Any, chat_template: str | None =
         value = body.pop("max_completion_tokens")
         if value is not None:
             body["max_tokens"] = value
-    response_format = body.pop("response_format", None)
-    if response_format not in (None, {"type": "text"}):
-        raise InvalidRequest("response_format", "only response_format {\"type\": \"text\"} is supported")
+    tools = parse_tools(body, tool_call_parser)
+    constraint = _constraint(body, tools)
     stream = pop_bool(body, "stream")
     include_usage = _stream_options(body, stream)
     add_generation_prompt = pop_bool(body, "add_generation_prompt", True)
@@ -173,19 +218,25 @@ def parse_chat(body: dict[str, Any], tokenizer: Any, chat_template: str | None =
     top_logprobs = _int_field(body, "top_logprobs", 0, _MAX_CHAT_TOP_LOGPROBS)
     if top_logprobs is not None and not logprobs:
         raise InvalidRequest("top_logprobs", "top_logprobs needs logprobs to be true")
-    params = _sampling(body, {"logprobs": top_logprobs or 0} if logprobs else {})
+    extra: dict[str, Any] = {"logprobs": top_logprobs or 0} if logprobs else {}
+    if constraint is not None:
+        extra["structured_outputs"] = constraint
+    params = _sampling(body, extra)
     template = chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
         raise InvalidRequest("messages", "this model's tokenizer has no chat template; set handler.chat_template")
+    kwargs: dict[str, Any] = {}
+    if tools is not None and tools.mode != "none":  # the template shows the model its functions
+        kwargs["tools"] = tools.tools
     try:
-        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                             add_generation_prompt=add_generation_prompt)
+        text = tokenizer.apply_chat_template(template_messages(messages), chat_template=template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt, **kwargs)
     except Exception as e:  # jinja errors name the template problem
         raise InvalidRequest("messages", f"the chat template failed on these messages: {e}") from e
     # The template already holds any special tokens it wants: encode without adding more.
     ids = tokenizer.encode(text, add_special_tokens=False)
     return OpenAIRequest("chat", [{"prompt": text, "prompt_token_ids": ids}], params, stream, include_usage,
-                         prompt_texts=[text], priority=priority)
+                         prompt_texts=[text], priority=priority, tools=tools)
 
 
 def models_response(model_name: str) -> dict[str, Any]:
@@ -217,6 +268,14 @@ class _Formatter:
         self.object = "chat.completion" if req.kind == "chat" else "text_completion"
         self._started: set[int] = set()
         self._finished: set[int] = set()  # choices whose finish chunk went out: nothing follows it
+        self._tool_streams: dict[int, Any] = {}  # choice -> its tool-call stream (chat with tools)
+
+    def _start_tools(self, index: int) -> Any:
+        tools = self.req.tools
+        if tools is None or tools.mode == "none":
+            return None
+        streamer = self._tool_streams[index] = tools.streamer()
+        return streamer
 
     def _index(self, prompt_idx: int, sample: int) -> int:
         return prompt_idx * self.req.params.n + sample
@@ -238,7 +297,14 @@ class _Formatter:
                 choice: dict[str, Any] = {"index": self._index(p, c.index), "logprobs": logprobs,
                                           "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                 if self.req.kind == "chat":
-                    choice["message"] = {"role": "assistant", "content": text}
+                    message: dict[str, Any] = {"role": "assistant", "content": text}
+                    if self.req.tools is not None and self.req.tools.mode != "none":
+                        content, calls = self.req.tools.parse(text)
+                        message = {"role": "assistant", "content": content,
+                                   "tool_calls": [tool_call_json(call) for call in calls]}
+                        if calls and c.finish_reason == "stop":
+                            choice["finish_reason"] = "tool_calls"
+                    choice["message"] = message
                 else:
                     choice["text"] = text
                 choices.append(choice)
@@ -264,8 +330,25 @@ class _Formatter:
                 logprobs = self._logprobs(delta_logprobs(c), echoed, out.prompt_token_ids)
             choice: dict[str, Any] = {"index": index, "logprobs": logprobs, "finish_reason": c.finish_reason}
             if self.req.kind == "chat":
-                choice["delta"] = ({"role": "assistant", "content": text} if first else
-                                   ({"content": text} if text else {}))
+                delta: dict[str, Any] = {"role": "assistant", "content": text} if first else (
+                    {"content": text} if text else {})
+                streamer = self._tool_streams.get(index) if not first else self._start_tools(index)
+                if streamer is not None:
+                    piece = streamer.feed(text)
+                    if c.finish_reason is not None:
+                        tail = streamer.finish()
+                        piece.content += tail.content
+                        piece.tool_calls += tail.tool_calls
+                    delta = {"role": "assistant"} if first else {}
+                    if piece.content:
+                        delta["content"] = piece.content
+                    if piece.tool_calls:
+                        delta["tool_calls"] = delta_json(piece)
+                    if c.finish_reason == "stop" and streamer.tool_calls:
+                        choice["finish_reason"] = "tool_calls"
+                    if not delta and c.finish_reason is None:
+                        continue  # all withheld: it may be the start of a tool call
+                choice["delta"] = delta
             else:
                 choice["text"] = text
             if c.finish_reason is not None:

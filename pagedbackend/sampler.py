@@ -3,7 +3,8 @@
 Order of operations (vLLM's): raw logprobs are taken first (what `logprobs` reports); then
 the allowed-token mask, bad words and the min_tokens ban; logit bias; presence / frequency
 penalties (on generated tokens, OpenAI's definition) and the repetition penalty (on prompt and
-generated tokens, transformers' definition); then greedy rows take the argmax and the others
+generated tokens, transformers' definition); the grammar's token bitmask (structured output);
+then greedy rows take the argmax and the others
 are temperature-scaled, filtered (top-k, top-p, min-p) and sampled with the exponential race:
 argmax(p / E) with E ~ Exp(1) picks token i with probability p_i. A seeded sequence draws its
 noise from its own generator, so its samples do not depend on the rest of the batch.
@@ -43,6 +44,7 @@ import torch
 
 from pagedbackend.host_upload import HostUpload
 from pagedbackend.step import TokenLogprobs
+from pagedbackend.structured_output.bitmask import apply_token_bitmask
 
 __all__ = ["PenaltyState", "PromptLogprobRequest", "Sampler", "SamplerOutput", "SamplingBatch", "TokenLogprobs",
            "apply_penalties", "gather_logprobs"]
@@ -84,6 +86,8 @@ class SamplingBatch:
     beam_rows: list[tuple[int, int]]  # (row, K) rows returning their K best next tokens instead
     logprob_source: torch.Tensor | None  # logprob rows then beam rows: the rows whose raw log_softmax is taken
     logprob_chosen: torch.Tensor | None  # the logprob rows (whose sampled tokens they report)
+    # Structured output: (rows, [R, ceil(V / 32)] int32 packed allowed-token bits); rows None: all
+    grammar: tuple[torch.Tensor | None, torch.Tensor] | None = None
 
 
 @dataclass
@@ -234,9 +238,11 @@ class Sampler:
                                 np.asarray(greedy, dtype=np.bool_), list(enumerate(seqs)), vocab_size)
 
     def build_batch(self, temps: np.ndarray, top_k: np.ndarray, top_p: np.ndarray, min_p: np.ndarray,
-                    greedy: np.ndarray, special: list[tuple[int, Any]], vocab_size: int) -> SamplingBatch:
+                    greedy: np.ndarray, special: list[tuple[int, Any]], vocab_size: int,
+                    grammar: tuple[np.ndarray, np.ndarray] | None = None) -> SamplingBatch:
         """Per-row arrays for every row, plus the rows that need more than temperature and
         filters (masks, bias, penalties, seeds, logprobs, beams), as sequence-like views.
+        `grammar`: the constrained rows and their packed bitmask rows (structured output).
 
         Reads no tensor: every choice of work is made here, from these host values. Sends
         everything in one upload and brings the penalty counts up to date (so the counts are
@@ -342,6 +348,12 @@ class Sampler:
             up.add("logprob_source", np.asarray([r for r, _ in logprob_rows + beam_rows], dtype=np.int64))
         if logprob_rows:
             up.add("logprob_chosen", np.asarray([r for r, _ in logprob_rows], dtype=np.int64))
+        grammar_all_rows = False
+        if grammar is not None:
+            grammar_all_rows = len(grammar[0]) == num_rows and bool((grammar[0] == np.arange(num_rows)).all())
+            if not grammar_all_rows:
+                up.add("grammar_rows", grammar[0].astype(np.int64, copy=False))
+            up.add("grammar_bitmask", grammar[1].astype(np.int32, copy=False))
 
         dev = up.send(self.device, one_copy=not self.host_fast_paths)
         penalties = None
@@ -371,6 +383,7 @@ class Sampler:
             beam_rows=beam_rows,
             logprob_source=dev.get("logprob_source"),
             logprob_chosen=dev.get("logprob_chosen"),
+            grammar=(dev.get("grammar_rows"), dev["grammar_bitmask"]) if grammar is not None else None,
         )
 
     def _penalty_state(self, vocab_size: int) -> PenaltyState:
@@ -478,6 +491,8 @@ class Sampler:
                 logits = penalised
             else:
                 logits[pen.rows] = penalised
+        if batch.grammar is not None:  # last of the masks: what the grammar allows of what is left
+            apply_token_bitmask(logits, *batch.grammar)
         return logits
 
     def _sample(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

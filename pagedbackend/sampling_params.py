@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from pagedbackend.errors import InvalidRequest
+from pagedbackend.structured_output.params import REMOVED_FIELDS, StructuredOutputsParams, removed_field_error
 
 # Below this temperature sampling is greedy (argmax); vLLM uses the same threshold.
 GREEDY_TEMPERATURE = 1e-5
@@ -54,6 +55,7 @@ class SamplingParams:
     best_of: int | None = None
     output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
     truncate_prompt_tokens: int | None = None
+    structured_outputs: StructuredOutputsParams | None = None
 
     # Filled by the engine, not by users: the model's EOS ids (generation_config + tokenizer).
     _eos_token_ids: tuple[int, ...] = field(default=(), repr=False, compare=False)
@@ -111,6 +113,14 @@ class SamplingParams:
         if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1:
             raise InvalidRequest("truncate_prompt_tokens",
                                  f"truncate_prompt_tokens must be at least 1, got {self.truncate_prompt_tokens}")
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                self.structured_outputs = StructuredOutputsParams.from_dict(self.structured_outputs)
+            if self.min_tokens:
+                # The grammar decides where the output ends; a ban on ending could leave a row
+                # with no token both allow.
+                raise InvalidRequest("min_tokens", "min_tokens cannot be combined with structured_outputs: "
+                                                   "the grammar decides where the output ends")
         if self.is_greedy:
             # Filters are meaningless for argmax; normalising keeps the sampler's fast path simple.
             self.top_p, self.top_k, self.min_p = 1.0, 0, 0.0
@@ -212,6 +222,9 @@ class SamplingParams:
     def from_dict(cls, values: Mapping[str, Any]) -> "SamplingParams":
         """Build from a JSON-like mapping, rejecting unknown fields by name (protocol layers use it)."""
         known = set(cls.field_names())
+        for key in values:
+            if key in REMOVED_FIELDS:
+                raise removed_field_error(key)
         unknown = sorted(k for k in values if k not in known)
         if unknown:
             raise InvalidRequest(unknown[0], f"unknown sampling parameter(s): {', '.join(unknown)}")

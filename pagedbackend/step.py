@@ -15,8 +15,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from operator import attrgetter
+from typing import TYPE_CHECKING
 
 from pagedbackend.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # numpy arrays travel in a step; the scheduler never builds one
+    import numpy as np
 
 
 @dataclass
@@ -75,6 +79,17 @@ class ScheduledSeq:
     num_lookahead: int = 0
 
 
+@dataclass
+class GrammarStep:
+    """Structured output's part of a step: the packed token bitmask of the rows that sample
+    under a grammar (bit t of row r set: token t allowed; int32 words, `ceil(vocab / 32)` per
+    row, xgrammar's layout), and the first row of each such sequence. A sequence verifying m
+    proposals owns m + 1 consecutive rows, one per verified position."""
+
+    bitmask: "np.ndarray"  # [R, ceil(V / 32)] int32
+    rows: dict[int, int]  # seq_id -> its (first) row
+
+
 # C-level field readers for whole-batch passes over `SchedulerOutput.scheduled`.
 _num_new_tokens = attrgetter("num_new_tokens")
 _forks = attrgetter("forks")
@@ -98,6 +113,7 @@ class SchedulerOutput:
     # Speculative decoding: the runner proposes tokens for the sequences it samples, for the
     # next step (off while more sequences run than `disable_by_batch_size`).
     propose: bool = False
+    grammar: GrammarStep | None = None  # structured output: None when no sampled row is constrained
 
     @property
     def num_batched_tokens(self) -> int:

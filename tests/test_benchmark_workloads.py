@@ -260,3 +260,20 @@ def test_the_early_exit_draft_keeps_the_first_layers_and_drafts_for_its_target(m
                        use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 8
     assert llm.llm_engine.get_stats()["spec_decode_num_drafts"] > 0
+
+
+@pytest.mark.slow
+def test_the_structured_output_benchmark_runs_and_checks_its_outputs(model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "so.json"
+    done = subprocess.run([sys.executable, str(Path(__file__).resolve().parent.parent / "benchmarks" /
+                                               "structured_output.py"),
+                           "--model", str(model_dir("llama")), "--num-requests", "4", "--max-tokens", "12",
+                           "--repeat", "1", "--threads", "1", "--out", str(out)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["ok"] and set(report["results"]) == {"0%", "50%", "100%"}
+    assert report["results"]["0%"]["fill_ms_per_step"] == 0 and report["results"]["100%"]["fill_ms_per_step"] > 0

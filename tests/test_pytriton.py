@@ -7,6 +7,7 @@ import contextlib
 import http.client
 import json
 import queue
+import re
 import threading
 import time
 
@@ -465,3 +466,66 @@ def test_speculative_config_serves_the_tokens_offline_generation_gives_and_expor
     assert len(events) < 17  # streamed deltas carried several tokens
     assert stats["spec_decode_acceptance_rate"] == 1.0
     assert 'pagedbackend_spec_decode_num_accepted_tokens_per_pos_total{model="llm",position="0"}' in metrics
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 99}},
+          "required": ["name", "age"], "additionalProperties": False}
+
+
+def test_structured_outputs_in_sampling_parameters_constrain_generate_stream(server, idle_after):
+    """As Triton's vLLM backend takes it: `structured_outputs` inside `sampling_parameters`, as an
+    object or as its JSON text; every streamed answer is valid."""
+    import jsonschema
+
+    constraints = [{"json": PERSON, "disable_any_whitespace": True},
+                   json.dumps({"regex": r"[A-Z]{2}-[0-9]{3}"}),
+                   {"choice": ["alpha", "beta", "gamma"]}]
+    out: list = [None] * 6
+
+    def run(i):
+        sampling = {"max_tokens": 80, "temperature": 1.0, "seed": i, "structured_outputs": constraints[i % 3]}
+        events = sse_stream(server.http_url, {"text_input": f"answer {i}", "stream": True,
+                                              "exclude_input_in_output": True,
+                                              "sampling_parameters": json.dumps(sampling)})
+        out[i] = ("".join(e["text_output"] for e in events), events[-1]["finish_reason"])
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    for i, (text, reason) in enumerate(out):
+        assert reason == "stop", (i, text)
+        if i % 3 == 0:
+            jsonschema.validate(json.loads(text), PERSON)
+        elif i % 3 == 1:
+            assert re.fullmatch(r"[A-Z]{2}-[0-9]{3}", text)
+        else:
+            assert text in ("alpha", "beta", "gamma")
+
+
+def test_structured_outputs_as_a_typed_input_and_bad_constraints_get_a_clean_error(server, idle_after):
+    from pytriton.client import DecoupledModelClient
+
+    with DecoupledModelClient(f"grpc://{server.grpc_url}", "llm") as client:
+        chunks = list(client.infer_sample(text_input=np.array([b"pick"]), stream=np.array([True]),
+                                          exclude_input_in_output=np.array([True]),
+                                          max_tokens=np.array([10], dtype=np.int32),
+                                          structured_outputs=np.array([json.dumps({"choice": ["yes", "no"]}).encode()])))
+    assert b"".join(b"".join(c["text_output"]) for c in chunks).decode() in ("yes", "no")
+    assert chunks[-1]["finish_reason"][0] == b"stop"
+    for constraint, message in [({"json": {"type": "objekt"}}, "structured_outputs.json: invalid JSON schema"),
+                                ({"regex": "a(b"}, "structured_outputs.regex: invalid regex"),
+                                ({"jsn": {}}, "unknown structured_outputs field(s): jsn")]:
+        text = grpc_error(server.grpc_url, sampling_parameters=json.dumps({"structured_outputs": constraint}))
+        assert_clean_one_line(text, message)
+    assert grpc_error(server.grpc_url, sampling_parameters=json.dumps({"guided_json": PERSON})).count(
+        "guided_json was removed")
+    import urllib.request
+
+    text = urllib.request.urlopen(server.metrics.url, timeout=10).read().decode()
+    requests = re.search(r'pagedbackend_structured_output_requests_total\{model="llm"[^}]*\} ([0-9.]+)', text)
+    assert requests and float(requests.group(1)) >= 1, text[-3000:]
+    assert 'pagedbackend_grammar_compile_seconds_count{model="llm"' in text
+    assert 'pagedbackend_grammar_cache_hits_total{model="llm"' in text

@@ -73,6 +73,9 @@ def loaded(model_dir):
     ({"asyncCommunication": True, "batchSize": 8, "handler": {}}, "batchSize must be 1 with asyncCommunication"),
     ({"continuousBatching": True, "asyncCommunication": True}, "exactly one of continuousBatching"),
     ({"handler": {}}, "exactly one of continuousBatching"),
+    ({"continuousBatching": True, "handler": {"tool_call_parser": "mistral"}}, "tool_call_parser must be one of"),
+    ({"continuousBatching": True, "handler": {"structured_outputs_config": {"backend": "outlines"}}},
+     "backend must be one of auto, xgrammar"),
 ])
 def test_bad_model_config_fails_the_load_and_the_archive_naming_the_problem(config, message, model_dir, tmp_path):
     ctx = Context("tiny", str(model_dir("llama")), {}, 1, None, "0.12.0",
@@ -84,6 +87,15 @@ def test_bad_model_config_fails_the_load_and_the_archive_naming_the_problem(conf
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         build_archive(model_dir("llama"), "tiny", tmp_path / "store", cfg_file)
     assert not (tmp_path / "store" / "tiny.mar").exists()
+
+
+def test_an_inline_chat_template_longer_than_a_file_name_and_the_tool_call_parser_load(loaded):
+    template = "{% for m in messages %}" + "<|{{ m.role }}|>{{ m.content }}" * 40 + "{% endfor %}"
+    h, _ = loaded(chat_template=template)
+    assert h.chat_template == template
+    assert h.tool_call_parser == "llama3_json"  # auto: the family's (a Llama model)
+    h2, _ = loaded(tool_call_parser="hermes")
+    assert h2.tool_call_parser == "hermes"
 
 
 def test_model_path_in_the_config_is_used_instead_of_the_archive(loaded, model_dir, tmp_path):

@@ -5,7 +5,10 @@ Inputs: `text_input` (bytes); optional `stream` (bool), `sampling_parameters` (a
 SamplingParams fields), `exclude_input_in_output` (bool), `return_finish_reason`,
 `return_cumulative_logprob`, `return_num_input_tokens`, `return_num_output_tokens` (bool), and typed sampling inputs
 (`max_tokens`, `min_tokens`, `temperature`, `top_p`, `top_k`, `min_p`, `seed`, `n`,
-`ignore_eos`) for clients that cannot send JSON or parameters. Sampling fields may also come
+`ignore_eos`) for clients that cannot send JSON or parameters. Structured output as Triton's
+vLLM backend takes it: `structured_outputs` (vLLM's fields: `json`, `regex`, `choice`,
+`grammar`, `json_object`) inside `sampling_parameters`, as an object or its JSON text; or as a
+`structured_outputs` input of its own (the JSON text). Sampling fields may also come
 as Triton request parameters (what the HTTP generate endpoints do with extra JSON fields).
 
 Outputs: `text_output` (bytes, one per sample: the new text when streaming, else the whole
@@ -117,7 +120,8 @@ def _shown(value: Any) -> str:
 
 def model_inputs() -> list[Tensor]:
     inputs = [Tensor(name="text_input", dtype=np.bytes_, shape=(1,)),
-              Tensor(name="sampling_parameters", dtype=np.bytes_, shape=(1,), optional=True)]
+              Tensor(name="sampling_parameters", dtype=np.bytes_, shape=(1,), optional=True),
+              Tensor(name="structured_outputs", dtype=np.bytes_, shape=(1,), optional=True)]
     inputs += [Tensor(name=name, dtype=np.bool_, shape=(1,), optional=True) for name in FLAG_INPUTS]
     inputs += [Tensor(name=name, dtype=dtype, shape=(1,), optional=True) for name, dtype in TYPED_SAMPLING_INPUTS.items()]
     return inputs
@@ -192,6 +196,10 @@ def parse_request(data: dict[str, np.ndarray], parameters: dict[str, Any] | None
     for name in TYPED_SAMPLING_INPUTS:
         if name in data and data[name].size:
             fields[name] = data[name].reshape(-1)[0].item()
+    if "structured_outputs" in data and data["structured_outputs"].size:
+        raw = data["structured_outputs"].reshape(-1)[0]
+        fields["structured_outputs"] = parse_json(bytes(raw) if isinstance(raw, (bytes, np.bytes_)) else str(raw),
+                                                  "structured_outputs", "structured_outputs")
     params = SamplingParams.from_dict({k: _coerce(k, v) for k, v in fields.items()})
     returns = {name[len("return_"):] for name in FLAG_INPUTS if name.startswith("return_") and flags.get(name)}
     if "cumulative_logprob" in returns and params.logprobs is None:

@@ -8,7 +8,9 @@ from typing import Any
 from pagedbackend.config import EngineArgs
 
 # handler: keys that are not EngineArgs fields.
-HANDLER_KEYS = ("model_path", "served_model_name", "chat_template", "metrics_interval_s")
+HANDLER_KEYS = ("model_path", "served_model_name", "chat_template", "metrics_interval_s", "tool_call_parser")
+# tool_call_parser: vLLM's --tool-call-parser names, or auto (by the model's family).
+TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json")
 
 
 def validate_model_config(config: dict[str, Any]) -> None:
@@ -27,6 +29,10 @@ def validate_model_config(config: dict[str, Any]) -> None:
     if unknown:
         raise ValueError(f"model-config.yaml handler: unknown key(s) {', '.join(unknown)}; "
                          f"known: {', '.join(sorted(known))}")
+    parser = handler.get("tool_call_parser", "auto")
+    if parser not in TOOL_CALL_PARSERS:
+        raise ValueError(f"model-config.yaml handler: tool_call_parser must be one of {', '.join(TOOL_CALL_PARSERS)}, "
+                         f"got {parser!r}")
     for key in HANDLER_KEYS:
         handler.pop(key, None)
     EngineArgs.from_dict({"model": "-", **handler})._check_fields()

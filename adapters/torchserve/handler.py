@@ -14,8 +14,9 @@ works in both of TorchServe's LLM streaming modes, chosen in model-config.yaml:
 
 The `handler:` section of model-config.yaml holds every `EngineArgs` field plus `model_path`
 (the model directory, absolute or inside the archive; default: the archive itself),
-`served_model_name`, `chat_template` (a file in the archive or a template string) and
-`metrics_interval_s`. Unknown keys or invalid values fail the load with a message naming them.
+`served_model_name`, `chat_template` (a file in the archive or a template string),
+`metrics_interval_s` and `tool_call_parser` (how `tool_choice: "auto"` reads tool calls from
+the output: `hermes`, `llama3_json`, or `auto` by the model's family). Unknown keys or invalid values fail the load with a message naming them.
 Bad requests get a 4xx JSON error naming the field; no exception ever escapes `handle()`.
 """
 
@@ -37,6 +38,7 @@ from pagedbackend.distributed import launched_by_torchrun
 from pagedbackend.adapters.torchserve.metrics import EngineMetrics
 from pagedbackend.adapters.torchserve.routes import MeteredEngine, RequestPump, complete_body, error_reply, open_reply
 from pagedbackend.errors import InvalidRequest
+from pagedbackend.structured_output.tool_parsers import parser_for_model_type
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +89,7 @@ class PagedLLMHandler:
         self.model_name = cfg.pop("served_model_name", None) or context.model_name
         self.chat_template = self._chat_template(cfg.pop("chat_template", None), model_dir)
         interval = float(cfg.pop("metrics_interval_s", 1.0))
+        parser = cfg.pop("tool_call_parser", "auto")
         tp = tensor_parallel_size(yaml)
         cfg["tensor_parallel_size"] = tp
         gpu = context.system_properties.get("gpu_id")
@@ -108,6 +111,8 @@ class PagedLLMHandler:
         self.metrics = EngineMetrics(context.metrics, self.engine, interval)
         self.metrics.start()
         self.metered = MeteredEngine(self.engine, self.metrics.request_finished)
+        model_type = self.engine.engine.config.model_config.hf.get("model_type", "")
+        self.tool_call_parser = parser_for_model_type(model_type) if parser == "auto" else parser
         if self.continuous:
             self._loop = asyncio.new_event_loop()
             threading.Thread(target=self._loop.run_forever, name="pagedbackend-handler-loop", daemon=True).start()
@@ -134,9 +139,11 @@ class PagedLLMHandler:
         if not value:
             return None
         path = Path(value) if os.path.isabs(value) else model_dir / value
-        if len(value) < 4096 and path.is_file():
-            return path.read_text()
-        return value  # the template itself
+        try:
+            is_file = len(value) < 4096 and path.is_file()
+        except OSError:  # e.g. a template longer than a file name may be is not a name
+            is_file = False
+        return path.read_text() if is_file else value  # else the template itself
 
     def _open(self, url_path: str, request_id: str, item: dict[str, Any], loop: asyncio.AbstractEventLoop):
         """Parse, validate and queue one request. Takes the url path, not the context: TorchServe
@@ -152,7 +159,7 @@ class PagedLLMHandler:
             # array, a number): encode it back so the parser says what it got.
             body = json.dumps(body)
         return open_reply(self.metered, url_path, body, request_id, self.model_name, self.engine.tokenizer,
-                          self.chat_template, loop)
+                          self.chat_template, loop, tool_call_parser=self.tool_call_parser)
 
     # --------------------------------------------------------------- serving
     def handle(self, data: list[dict[str, Any]], context: Any):

@@ -32,6 +32,8 @@ GAUGES = {m.torchserve: (m.key, m.unit, m.scale) for m in METRICS if m.kind == "
 COUNTERS = {m.torchserve: m.key for m in METRICS if m.kind == "counter"}  # emitted as increments
 # Seconds, as Prometheus expects (TorchServe's histogram buckets run from 5 ms to 10 s).
 HISTOGRAMS = {m.key: m.torchserve for m in METRICS if m.kind == "histogram"}
+# Sampled when a request finishes (`request_finished`); the others are read from the stats.
+REQUEST_HISTOGRAMS = ("time_to_first_token_seconds", "time_per_output_token_seconds")
 # Lists of counters, one per position: emitted as increments with a Position dimension.
 POSITIONAL = {m.torchserve: m.key for m in METRICS if m.kind == "positional"}
 
@@ -82,6 +84,23 @@ class EngineMetrics:
                         self._metrics.add_metric(name, delta, "count", dimensions=[_dimension("Position", str(i))],
                                                  metric_type=MetricTypes.COUNTER)
                         self._last[label] = int(total)
+
+            for key, name in HISTOGRAMS.items():
+                if key not in REQUEST_HISTOGRAMS:
+                    self._histogram_from_stats(name, stats.get(key))
+
+    def _histogram_from_stats(self, name: str, hist: dict | None) -> None:
+        """A histogram the engine keeps (grammar compile time): the observations since the
+        last refresh, each as their mean (TorchServe takes samples, the engine keeps buckets)."""
+        if not hist:
+            return
+        count, total = int(hist["count"]), float(hist["sum"])
+        last_count, last_total = self._last.get(name, (0, 0.0))
+        if count > last_count:
+            mean = (total - last_total) / (count - last_count)
+            for _ in range(min(count - last_count, 100)):
+                self._metrics.add_metric(name, round(mean, 6), "s", metric_type=MetricTypes.HISTOGRAM)
+            self._last[name] = (count, total)
 
     def request_finished(self, out: RequestOutput) -> None:
         m = out.metrics

@@ -93,10 +93,10 @@ def _native(engine: Any, body: Any, request_id: str, loop) -> Reply:
 
 
 def _openai(engine: Any, route: str, body: Any, request_id: str, model: str, tokenizer: Any,
-            chat_template: str | None, loop) -> Reply:
+            chat_template: str | None, loop, tool_call_parser: str) -> Reply:
     data = load_json(body)
-    req = (parse_chat(data, tokenizer, chat_template, engine.max_prompt_chars) if route == "v1/chat/completions"
-           else parse_completion(data))
+    req = (parse_chat(data, tokenizer, chat_template, engine.max_prompt_chars, tool_call_parser)
+           if route == "v1/chat/completions" else parse_completion(data))
     streams = submit_openai(engine, req, request_id, loop)
     if req.stream:
         return Reply(200, SSE, _guarded(stream_openai(engine, req, request_id, model, streams), SSE), True,
@@ -137,15 +137,16 @@ async def complete_body(reply: Reply) -> tuple[int, str]:
 
 
 def open_reply(engine: Any, url_path: str, body: Any, request_id: str, model: str, tokenizer: Any,
-               chat_template: str | None, loop: asyncio.AbstractEventLoop | None = None) -> Reply:
+               chat_template: str | None, loop: asyncio.AbstractEventLoop | None = None, *,
+               tool_call_parser: str = "hermes") -> Reply:
     """Parse, validate and queue one request now; `loop` is where its pieces will be consumed
-    (default: the running loop)."""
+    (default: the running loop); `tool_call_parser` reads `tool_choice: "auto"` calls."""
     route = (url_path or "").strip("/")
     try:
         if route == "":
             return _native(engine, body, request_id, loop)
         if route in ("v1/completions", "v1/chat/completions"):
-            return _openai(engine, route, body, request_id, model, tokenizer, chat_template, loop)
+            return _openai(engine, route, body, request_id, model, tokenizer, chat_template, loop, tool_call_parser)
         if route == "v1/models":
             return Reply(200, JSON, _single(json.dumps(models_response(model))))
         raise InvalidRequest(None, f"unknown route {route!r}; use /predictions/<model>, or v1/completions, "

@@ -19,7 +19,8 @@ import torch
 from pagedbackend.input_batch import InputBatch, RowView
 from pagedbackend.sampler import Sampler, gather_logprobs
 from pagedbackend.spec_decode.rejection import rejection_sample
-from pagedbackend.step import TokenLogprobs
+from pagedbackend.step import GrammarStep, TokenLogprobs
+from pagedbackend.structured_output.bitmask import grammar_rows
 
 
 @dataclass
@@ -33,10 +34,12 @@ class Verified:
 
 
 def verify(sampler: Sampler, batch: InputBatch, logits: torch.Tensor, spec_seqs: list[tuple[int, int, tuple[int, ...]]],
-           draft_probs: dict[int, torch.Tensor] | None = None) -> Verified:
+           draft_probs: dict[int, torch.Tensor] | None = None, grammar: GrammarStep | None = None) -> Verified:
     """`logits`: [sum(m + 1), V], each sequence's m + 1 verified positions in order.
     `draft_probs`: seq_id -> [>= m, V], the distribution each proposal was drawn from (a draft
-    model's); a sequence without one proposed point masses (n-gram, or greedy drafts)."""
+    model's); a sequence without one proposed point masses (n-gram, or greedy drafts).
+    `grammar`: the step's structured-output bitmask, one row per verified position of each
+    constrained sequence (the proposals were checked against the grammar before the step)."""
     vocab = logits.shape[1]
     counts = [len(drafts) + 1 for _, _, drafts in spec_seqs]
     slots = np.repeat(np.array([slot for _, slot, _ in spec_seqs], dtype=np.int64), counts)
@@ -54,7 +57,8 @@ def verify(sampler: Sampler, batch: InputBatch, logits: torch.Tensor, spec_seqs:
                                                  base.bad_words_ids, 0)))
         row += len(drafts) + 1
     sbatch = sampler.build_batch(batch.temperature[slots], batch.top_k[slots], batch.top_p[slots],
-                                 batch.min_p[slots], batch.greedy[slots], special, vocab)
+                                 batch.min_p[slots], batch.greedy[slots], special, vocab,
+                                 grammar_rows(grammar, [seq_id for seq_id, _, _ in spec_seqs], counts))
     if temp_keys and sampler.penalty_state is not None:
         sampler.penalty_state.forget(temp_keys)  # counted into this step's rows already
 
