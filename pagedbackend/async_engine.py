@@ -183,7 +183,8 @@ class AsyncLLMEngine:
         """Yield `RequestOutput`s as tokens arrive (cumulative, with deltas). Leaving the loop
         early (break, cancellation, client gone) aborts the request."""
         loop = asyncio.get_running_loop()
-        if is_large_prompt(prompt):  # tokenizing it takes a while: not on the loop that serves others
+        constrained = sampling_params is not None and sampling_params.structured_outputs is not None
+        if is_large_prompt(prompt) or constrained:  # tokenizing / a grammar compile: not on the loop serving others
             stream = await loop.run_in_executor(None, self._submit, prompt, sampling_params, request_id, priority, loop)
         else:
             stream = self.add_request(prompt, sampling_params, request_id, priority)

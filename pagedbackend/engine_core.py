@@ -62,9 +62,13 @@ class EngineCore:
             seq = Sequence(req.request_id, ids, p, req.arrival_time, index=i, priority=req.priority)
             seq.bad_words_ids = req.bad_words_ids
             seqs.append(seq)
-        self.scheduler.add_request(seqs)
         if req.grammar is not None:
             self.structured_output.add([s.seq_id for s in seqs], req.grammar)
+        try:
+            self.scheduler.add_request(seqs)
+        except BaseException:
+            self._sweep_grammars()
+            raise
         self.prompt_tokens += len(ids)
 
     def add_beam_search(self, request_id: str, prompt_token_ids: list[int], params: BeamSearchParams,

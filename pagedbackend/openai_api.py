@@ -22,6 +22,10 @@ from pagedbackend.protocol import delta_logprobs, pop_bool, pop_int
 from pagedbackend.sampling_params import SamplingParams
 from pagedbackend.structured_output.params import REMOVED_FIELDS, StructuredOutputsParams, removed_field_error
 
+# The markup a tool parser looks for, which some tokenizers hold as special tokens (dropped from
+# text by skip_special_tokens, so "auto" could never see a call).
+TOOL_CALL_TAGS = {"hermes": ("<tool_call>", "</tool_call>"), "llama3_json": ("<|python_tag|>",)}
+
 # OpenAI request fields mapped onto SamplingParams, plus vLLM's extra sampling fields.
 _SAMPLING_FIELDS = ("n", "temperature", "top_p", "seed", "stop", "max_tokens", "top_k", "min_p", "min_tokens",
                     "ignore_eos", "stop_token_ids", "skip_special_tokens", "include_stop_str_in_output",
@@ -191,6 +195,11 @@ def _message(i: int, message: Any) -> dict[str, Any]:
     return out
 
 
+def _tags_are_special(tokenizer: Any, parser: str) -> bool:
+    tags = TOOL_CALL_TAGS.get(parser, ())
+    return bool(tags) and any(t in set(getattr(tokenizer, "all_special_tokens", ()) or ()) for t in tags)
+
+
 def parse_chat(body: dict[str, Any], tokenizer: Any, chat_template: str | None = None,
                max_prompt_chars: int | None = None, tool_call_parser: str = "hermes") -> OpenAIRequest:
     """`max_prompt_chars` bounds the messages' text before the template and the tokenizer
@@ -221,6 +230,8 @@ def parse_chat(body: dict[str, Any], tokenizer: Any, chat_template: str | None =
     extra: dict[str, Any] = {"logprobs": top_logprobs or 0} if logprobs else {}
     if constraint is not None:
         extra["structured_outputs"] = constraint
+    if tools is not None and tools.mode == "auto" and _tags_are_special(tokenizer, tools.parser):
+        extra["skip_special_tokens"] = False  # the parser must see the tags (Hermes 2 Pro makes them special)
     params = _sampling(body, extra)
     template = chat_template or getattr(tokenizer, "chat_template", None)
     if not template:
@@ -269,6 +280,7 @@ class _Formatter:
         self._started: set[int] = set()
         self._finished: set[int] = set()  # choices whose finish chunk went out: nothing follows it
         self._tool_streams: dict[int, Any] = {}  # choice -> its tool-call stream (chat with tools)
+        self._held_logprobs: dict[int, list] = {}  # choice -> logprobs of text its tool stream withholds
 
     def _start_tools(self, index: int) -> Any:
         tools = self.req.tools
@@ -302,8 +314,8 @@ class _Formatter:
                         content, calls = self.req.tools.parse(text)
                         message = {"role": "assistant", "content": content,
                                    "tool_calls": [tool_call_json(call) for call in calls]}
-                        if calls and c.finish_reason == "stop":
-                            choice["finish_reason"] = "tool_calls"
+                        if calls and c.finish_reason == "stop" and self.req.tools.mode != "named":
+                            choice["finish_reason"] = "tool_calls"  # a forced function keeps "stop" (OpenAI's)
                     choice["message"] = message
                 else:
                     choice["text"] = text
@@ -342,12 +354,20 @@ class _Formatter:
                     delta = {"role": "assistant"} if first else {}
                     if piece.content:
                         delta["content"] = piece.content
+                    if not self.req.tools.parallel:  # as the whole answer: its first call only
+                        piece.tool_calls = [d for d in piece.tool_calls if d.index == 0]
                     if piece.tool_calls:
                         delta["tool_calls"] = delta_json(piece)
-                    if c.finish_reason == "stop" and streamer.tool_calls:
+                    if c.finish_reason == "stop" and streamer.tool_calls and self.req.tools.mode != "named":
                         choice["finish_reason"] = "tool_calls"
                     if not delta and c.finish_reason is None:
-                        continue  # all withheld: it may be the start of a tool call
+                        # All withheld (it may be the start of a tool call): its tokens' logprobs
+                        # go out with the next chunk.
+                        if logprobs is not None:
+                            self._held_logprobs.setdefault(index, []).extend(logprobs["content"])
+                        continue
+                    if logprobs is not None and index in self._held_logprobs:
+                        logprobs["content"] = self._held_logprobs.pop(index) + logprobs["content"]
                 choice["delta"] = delta
             else:
                 choice["text"] = text

@@ -169,7 +169,7 @@ def parse_tools(body: dict[str, Any], parser: str) -> ToolChoice | None:
         return result
     if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict):
         name = choice["function"].get("name")
-        if name not in names:
+        if not isinstance(name, str) or name not in names:
             raise InvalidRequest("tool_choice", f"tool_choice names function {name!r}, which is not in tools "
                                                 f"({', '.join(sorted(names))})")
         result.mode, result.name = "named", name

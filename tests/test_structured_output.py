@@ -378,16 +378,28 @@ def test_a_step_without_constrained_rows_carries_no_bitmask(model_dir, make_engi
 
 
 # ------------------------------------------------------------- compiling, caching
-def test_a_repeated_schema_compiles_once_whatever_its_spelling(model_dir, make_engine):
+def test_a_repeated_schema_compiles_once_as_a_dict_or_as_its_json_text(model_dir, make_engine):
     engine = make_engine(model_dir("llama"))
     compiler = engine.grammar_compiler
     schema = SCHEMAS["flat_object"]
     first = compiler.compile(_json(schema))
     before = compiler.stats.num_compiles
     assert compiler.compile(StructuredOutputsParams(json=json.dumps(schema), disable_any_whitespace=True)) is first
-    assert compiler.compile(_json(dict(reversed(list(schema.items()))))) is first
-    assert compiler.stats.num_compiles == before and compiler.stats.num_cache_hits >= 2
+    assert compiler.stats.num_compiles == before and compiler.stats.num_cache_hits == 1
     assert compiler.compile(_json(schema, compact=False)) is not first  # whitespace is part of the key
+
+
+def test_property_order_is_part_of_the_grammar(model_dir, make_engine):
+    """The grammar writes properties in the schema's order ("reasoning" before "answer" is a
+    prompting technique): two orders are two grammars, never one cached for both."""
+    llm = make_engine(model_dir("llama"), "llm")
+    props = {"answer": {"enum": ["a", "b"]}, "reasoning": {"enum": ["x", "y"]}}
+    forward, backward = (_json({"type": "object", "properties": dict(order), "required": [k for k, _ in order],
+                                "additionalProperties": False}) for order in (list(props.items()),
+                                                                              list(props.items())[::-1]))
+    outs = llm.generate(["q", "q"], [SamplingParams(temperature=0.0, max_tokens=30, structured_outputs=c)
+                                     for c in (forward, backward)], use_tqdm=False)
+    assert outs[0].outputs[0].text.startswith('{"answer"') and outs[1].outputs[0].text.startswith('{"reasoning"')
 
 
 def test_threads_asking_for_the_same_grammar_at_once_compile_it_once(model_dir, make_engine, monkeypatch):
@@ -464,6 +476,48 @@ def test_an_invalid_constraint_is_an_error_naming_it_and_the_engine_keeps_servin
     while engine.has_unfinished_requests():
         outs = engine.step()
     assert outs[0].outputs[0].text == "ok"
+
+
+def test_a_schema_that_cannot_be_written_as_json_is_refused_by_name():
+    from pagedbackend.protocol import parse_json
+
+    huge = parse_json('{"type": "integer", "maximum": ' + "9" * 5000 + "}")  # a HugeInteger, not an int
+    with pytest.raises(InvalidRequest, match="not a JSON schema") as e:
+        StructuredOutputsParams(json=huge)
+    assert e.value.param == "structured_outputs.json"
+
+
+def test_an_async_request_compiling_its_grammar_leaves_the_event_loop_free(model_dir, monkeypatch):
+    import asyncio
+
+    from pagedbackend import AsyncLLMEngine, EngineArgs
+
+    engine = AsyncLLMEngine.from_engine_args(EngineArgs(model=str(model_dir("llama")), seed=0), progress=False)
+    try:
+        compiler = engine.engine.grammar_compiler
+        real = compiler._compile
+        monkeypatch.setattr(compiler, "_compile", lambda params: (time.sleep(0.5), real(params))[1])
+
+        async def main():
+            ticks = 0
+
+            async def tick():
+                nonlocal ticks
+                while True:
+                    await asyncio.sleep(0.01)
+                    ticks += 1
+
+            ticker = asyncio.ensure_future(tick())
+            params = SamplingParams(max_tokens=3, structured_outputs=StructuredOutputsParams(choice=["ok"]))
+            outs = [out async for out in engine.generate("x", params)]
+            ticker.cancel()
+            return outs[-1], ticks
+
+        final, ticks = asyncio.run(main())
+        assert final.outputs[0].text == "ok" and ticks >= 20  # the loop kept running while it compiled
+        engine.engine.check_all_blocks_free()
+    finally:
+        engine.shutdown()
 
 
 def test_unknown_and_removed_fields_are_refused_by_name():

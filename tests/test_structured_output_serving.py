@@ -135,12 +135,12 @@ def test_a_named_tool_choice_calls_that_function_with_valid_arguments(client):
     done = client.chat.completions.create(model="tiny", messages=MESSAGES, tools=TOOLS, tool_choice=named,
                                           max_tokens=40, temperature=0)
     (call,) = done.choices[0].message.tool_calls
-    assert call.function.name == "get_time" and done.choices[0].finish_reason == "tool_calls"
+    assert call.function.name == "get_time" and done.choices[0].finish_reason == "stop"  # forced: OpenAI's "stop"
     jsonschema.validate(json.loads(call.function.arguments), TIME)
     _, streamed, finish = _stream_chat(client, messages=MESSAGES, tools=TOOLS, tool_choice=named, max_tokens=40,
                                        temperature=0)
     assert [(c["name"], c["arguments"]) for c in streamed] == [("get_time", call.function.arguments)]
-    assert streamed[0]["deltas"] > 1 and finish == "tool_calls"  # the arguments came in pieces
+    assert streamed[0]["deltas"] > 1 and finish == "stop"  # the arguments came in pieces
 
 
 def test_tool_choice_auto_parses_hermes_calls_from_the_text_and_streams_them(client):
@@ -191,6 +191,10 @@ def test_the_chat_template_receives_the_tools(server, model_dir):
     (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": "launch"}}), "tool_choice",
      "'launch', which is not in tools"),
     (dict(tool_choice="required"), "tool_choice", "tool_choice needs tools"),
+    (dict(tools=TOOLS, tool_choice={"type": "function", "function": {"name": ["get_time"]}}), "tool_choice",
+     "which is not in tools"),
+    (dict(extra_body={"structured_outputs": {"json": {"type": "integer", "maximum": 10 ** 4100}}}),
+     "structured_outputs.json", "invalid JSON schema|not a JSON schema"),
     (dict(tools=TOOLS, tool_choice="required", response_format={"type": "json_object"}), "tool_choice",
      "cannot be used together"),
     (dict(response_format={"type": "xml"}), "response_format.type", "text, json_object or json_schema"),
@@ -213,3 +217,27 @@ def test_structured_output_metrics_reach_torchserve(server, client):
     stats = wait_for_metrics(server.metrics_url, lambda s: s.get("StructuredOutputRequests", 0) >= 1)
     assert stats["GrammarCompiles"] >= 1 and stats["GrammarCompileSeconds_count"] >= 1
     assert "GrammarCacheHits" in stats
+
+
+def test_streamed_logprobs_of_withheld_tool_call_text_still_arrive(client):
+    text = r'<tool_call>\{"name": "get_time", "arguments": \{"zone": "UTC"\}\}</tool_call>'
+    entries, usage = 0, None
+    for chunk in client.chat.completions.create(
+            model="tiny", messages=MESSAGES, tools=TOOLS, max_tokens=200, temperature=0, stream=True, logprobs=True,
+            stream_options={"include_usage": True}, extra_body={"structured_outputs": {"regex": text}}):
+        usage = chunk.usage or usage
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            entries += len(chunk.choices[0].logprobs.content)
+    assert usage is not None and entries == usage.completion_tokens
+
+
+def test_auto_tool_choice_keeps_tool_call_tags_a_tokenizer_holds_as_special_tokens(model_dir):
+    from pagedbackend.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(model_dir("llama")))
+    assert parse_chat({"messages": MESSAGES, "tools": TOOLS}, tok, TOOLS_TEMPLATE).params.skip_special_tokens
+    tok.add_special_tokens({"additional_special_tokens": ["<tool_call>", "</tool_call>"]})
+    req = parse_chat({"messages": MESSAGES, "tools": TOOLS}, tok, TOOLS_TEMPLATE)
+    assert req.params.skip_special_tokens is False
+    forced = parse_chat({"messages": MESSAGES, "tools": TOOLS, "tool_choice": "required"}, tok, TOOLS_TEMPLATE)
+    assert forced.params.skip_special_tokens  # a forced call is JSON: no tags to keep

@@ -52,13 +52,23 @@ STEP_WAIT_S = 0.05
 # Request bodies larger than this are parsed and tokenized on a worker thread (the tokenizer
 # releases the GIL), so the step that serves every other stream never waits for them.
 LARGE_BODY_BYTES = 64 * 1024
+# Fields that may compile a grammar (structured output, forced tool calls): opened on a worker
+# thread too, as a compile (or the first request's vocabulary read) can take long.
+GRAMMAR_FIELDS = ("response_format", "structured_outputs", "tool_choice", "tools")
+_GRAMMAR_KEYS = tuple(f'"{name}"'.encode() for name in GRAMMAR_FIELDS)
 
 
-def _is_large(item: dict[str, Any]) -> bool:
+def _opens_slowly(item: dict[str, Any]) -> bool:
+    """Whether parsing and queueing this request may take long: a large body, or one that may
+    compile a grammar."""
     body = item.get("data") or item.get("body")
-    if isinstance(body, (bytes, bytearray, str)):
-        return len(body) > LARGE_BODY_BYTES
+    if isinstance(body, str):
+        body = body.encode()
+    if isinstance(body, (bytes, bytearray)):
+        return len(body) > LARGE_BODY_BYTES or any(key in body for key in _GRAMMAR_KEYS)
     if isinstance(body, dict):  # TorchServe decoded the JSON already: look at the text fields
+        if any(name in body for name in GRAMMAR_FIELDS):
+            return True
         texts = [v for v in body.values() if isinstance(v, str)]
         messages = body.get("messages")
         if isinstance(messages, list):
@@ -183,7 +193,7 @@ class PagedLLMHandler:
         try:
             loop = asyncio.get_running_loop()
             url_path = context.get_request_header(0, "url_path") or ""
-            if _is_large(data[0]):  # parse and tokenize it off the loop every request shares
+            if _opens_slowly(data[0]):  # parse, tokenize, compile off the loop every request shares
                 reply = await loop.run_in_executor(None, self._open, url_path, request_id, data[0], loop)
             else:
                 reply = self._open(url_path, request_id, data[0], loop)
@@ -221,7 +231,7 @@ class PagedLLMHandler:
         for i, rid in enumerate(ids):
             if rid not in self._pumps:
                 url_path = context.get_request_header(i, "url_path") or ""
-                if _is_large(data[i]):  # parsed and tokenized on a worker thread; answered once open
+                if _opens_slowly(data[i]):  # parsed (and compiled) on a worker thread; answered once open
                     pump = RequestPump(self._loop, self._cond, opener=functools.partial(
                         self._open, url_path, rid, data[i], self._loop))
                 else:

@@ -127,6 +127,7 @@ class StructuredOutputsParams:
         for flag in ("disable_any_whitespace", "disable_fallback"):
             if not isinstance(getattr(self, flag), bool):
                 raise InvalidRequest(f"{_FIELD}.{flag}", f"{_FIELD}.{flag} must be true or false")
+        self.key  # noqa: B018 - a schema that cannot be written as JSON is refused here, by name
 
     @property
     def kind(self) -> str:
@@ -135,11 +136,15 @@ class StructuredOutputsParams:
     @property
     def key(self) -> tuple[str, str, bool]:
         """What the compiled grammar depends on, hashable: the compile cache's key. A schema
-        given as a dict and as its JSON text share an entry (keys sorted)."""
+        given as a dict and as its JSON text share an entry; keys keep their order (the grammar
+        writes properties in the schema's order: another order is another grammar)."""
         kind = self.kind
         value = getattr(self, kind)
         if kind == "json":
-            spec = json.dumps(json.loads(value) if isinstance(value, str) else value, sort_keys=True)
+            try:
+                spec = json.dumps(json.loads(value) if isinstance(value, str) else value)
+            except (TypeError, ValueError) as e:  # a number too large for JSON, a non-JSON value
+                raise InvalidRequest("structured_outputs.json", f"structured_outputs.json: not a JSON schema: {e}") from None
         elif kind == "choice":
             spec = json.dumps(value)
         elif kind == "json_object":
