@@ -196,9 +196,25 @@ def cmd_serve_pytriton(ns: argparse.Namespace) -> int:
     from pagedbackend.adapters.pytriton import PyTritonServer
 
     name = ns.name or "pagedbackend"
-    server = PyTritonServer(engine_args_from(ns), model_name=name, host=ns.host, http_port=ns.http_port,
-                            grpc_port=ns.grpc_port, metrics_port=ns.metrics_port,
-                            engine_metrics_port=ns.engine_metrics_port)
+    if ns.model_repository:
+        from pagedbackend.adapters.pytriton.repository import read_model_repository
+
+        given = [s.flag for s in EngineArgs.settings()
+                 if (getattr(ns, s.name) is not None if s.name == "model" else getattr(ns, s.name) != s.default)]
+        if given or ns.name:
+            raise SystemExit(f"with --model-repository each model's engine arguments come from its model.json and its "
+                             f"name from its directory; drop {', '.join(given + (['--name'] if ns.name else []))}")
+        models = read_model_repository(ns.model_repository)
+        server = PyTritonServer(models=models, host=ns.host, http_port=ns.http_port, grpc_port=ns.grpc_port,
+                                metrics_port=ns.metrics_port, engine_metrics_port=ns.engine_metrics_port)
+        names = list(models)
+    else:
+        if ns.model is None:
+            raise SystemExit("give --model DIR, or --model-repository DIR (a Triton vLLM-backend model repository)")
+        server = PyTritonServer(engine_args_from(ns), model_name=name, host=ns.host, http_port=ns.http_port,
+                                grpc_port=ns.grpc_port, metrics_port=ns.metrics_port,
+                                engine_metrics_port=ns.engine_metrics_port)
+        names = [name]
 
     def stop_resource_tracker():
         # PyTriton's tensor store starts this process's multiprocessing resource tracker; wait
@@ -218,8 +234,8 @@ def cmd_serve_pytriton(ns: argparse.Namespace) -> int:
     def start():
         print("starting Triton (PyTriton) ...", flush=True)
         server.start()
-        print(f"model {name!r} is ready\n"
-              f"  HTTP            {server.http_url}/v2/models/{name}/generate_stream\n"
+        print("".join(f"model {n!r} is ready\n  HTTP            {server.http_url}/v2/models/{n}/generate_stream\n"
+                      for n in names) +
               f"  gRPC            {server.grpc_url}\n"
               f"  Triton metrics  http://{server.host}:{server.metrics_port}/metrics\n"
               f"  engine metrics  {server.metrics.url}\n"
@@ -308,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     pt = frameworks.add_parser("pytriton", help="serve with PyTriton (Triton's vLLM-backend interface)")
     _add_engine_args(pt)
+    for action in pt._actions:  # --model, or a repository of models
+        if action.dest == "model":
+            action.required, action.default = False, None
+    pt.add_argument("--model-repository", default=None,
+                    help="serve every model of a Triton vLLM-backend model repository (<name>/config.pbtxt with "
+                         "backend \"vllm\", <name>/<version>/model.json) instead of --model")
     pt.add_argument("--name", default=None, help="Triton model name (default: pagedbackend)")
     pt.add_argument("--host", default="127.0.0.1")
     pt.add_argument("--http-port", type=int, default=8000)

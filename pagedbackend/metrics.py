@@ -14,6 +14,10 @@ from pagedbackend.outputs import RequestOutput
 
 # Seconds; Prometheus' default latency buckets.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+# Token counts per request, vLLM's 1-2-5 series.
+TOKEN_BUCKETS = tuple(m * 10 ** e for e in range(6) for m in (1, 2, 5))
+# Samples per request (vLLM's request_params_n buckets).
+N_BUCKETS = (1, 2, 5, 10, 20)
 
 
 # Every finish_reason a sample can end with (vLLM's, plus "error" for a failed step).
@@ -33,6 +37,9 @@ class Metric:
     prometheus: str
     torchserve: str
     scale: float = 1.0  # TorchServe shows ratios as percent
+    # The name Triton's vLLM backend exports it under (`vllm:...`), rendered beside ours so its
+    # dashboards work unchanged; None where it has none.
+    vllm: str | None = None
 
 
 METRICS: tuple[Metric, ...] = (
@@ -63,9 +70,10 @@ METRICS: tuple[Metric, ...] = (
            "swap_outs_total", "SwapOuts"),
     Metric("num_swapped_in", "counter", "count", "Swapped-out sequences brought back to the device.",
            "swap_ins_total", "SwapIns"),
-    Metric("prompt_tokens", "counter", "count", "Prompt tokens received.", "prompt_tokens_total", "PromptTokens"),
+    Metric("prompt_tokens", "counter", "count", "Prompt tokens received.", "prompt_tokens_total", "PromptTokens",
+           vllm="vllm:prompt_tokens_total"),
     Metric("generation_tokens", "counter", "count", "Tokens generated.", "generation_tokens_total",
-           "GeneratedTokens"),
+           "GeneratedTokens", vllm="vllm:generation_tokens_total"),
     Metric("num_kv_blocks", "gauge", "count", "KV-cache blocks in the pool.", "num_kv_blocks", "KVBlocks"),
     Metric("steps", "counter", "count", "Engine steps that computed tokens.", "steps_total", "EngineSteps"),
     Metric("num_chunked_prefill_steps", "counter", "count", "Steps that computed part, not all, of a prompt.",
@@ -101,9 +109,17 @@ METRICS: tuple[Metric, ...] = (
     Metric("grammar_compile_seconds", "histogram", "s", "Structured output: time to compile one grammar.",
            "grammar_compile_seconds", "GrammarCompileSeconds"),
     Metric("time_to_first_token_seconds", "histogram", "s", "Arrival to first token.",
-           "time_to_first_token_seconds", "TimeToFirstTokenSeconds"),
+           "time_to_first_token_seconds", "TimeToFirstTokenSeconds", vllm="vllm:time_to_first_token_seconds"),
     Metric("time_per_output_token_seconds", "histogram", "s", "Mean time between tokens, per request.",
-           "time_per_output_token_seconds", "TimePerOutputTokenSeconds"),
+           "time_per_output_token_seconds", "TimePerOutputTokenSeconds", vllm="vllm:time_per_output_token_seconds"),
+    Metric("e2e_request_latency_seconds", "histogram", "s", "Arrival to the last output, per finished request.",
+           "e2e_request_latency_seconds", "E2ERequestLatencySeconds", vllm="vllm:e2e_request_latency_seconds"),
+    Metric("request_prompt_tokens", "histogram", "count", "Prompt tokens per finished request.",
+           "request_prompt_tokens", "RequestPromptTokens", vllm="vllm:request_prompt_tokens"),
+    Metric("request_generation_tokens", "histogram", "count", "Tokens generated per finished request (all samples).",
+           "request_generation_tokens", "RequestGenerationTokens", vllm="vllm:request_generation_tokens"),
+    Metric("request_params_n", "histogram", "count", "Samples asked for (n) per finished request.",
+           "request_params_n", "RequestParamsN", vllm="vllm:request_params_n"),
 )
 
 
@@ -127,6 +143,10 @@ class Histogram:
     counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS) + 1))
     total: float = 0.0
     count: int = 0
+
+    @classmethod
+    def with_bounds(cls, bounds: tuple[float, ...]) -> "Histogram":
+        return cls(bounds, [0] * (len(bounds) + 1))
 
     def observe(self, value: float) -> None:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
@@ -152,21 +172,35 @@ class EngineStats:
     requests_finished: collections.Counter = field(default_factory=collections.Counter)  # finish_reason ->
     ttft_histogram: Histogram = field(default_factory=Histogram)
     tpot_histogram: Histogram = field(default_factory=Histogram)
+    e2e_histogram: Histogram = field(default_factory=Histogram)
+    prompt_tokens_histogram: Histogram = field(default_factory=lambda: Histogram.with_bounds(TOKEN_BUCKETS))
+    generation_tokens_histogram: Histogram = field(default_factory=lambda: Histogram.with_bounds(TOKEN_BUCKETS))
+    n_histogram: Histogram = field(default_factory=lambda: Histogram.with_bounds(N_BUCKETS))
 
     def record_finished(self, out: RequestOutput) -> None:
         for c in out.outputs:
             self.requests_finished[c.finish_reason or "unknown"] += 1
+        self.prompt_tokens_histogram.observe(len(out.prompt_token_ids))
+        self.n_histogram.observe(len(out.outputs))
         m = out.metrics
+        self.generation_tokens_histogram.observe(  # every sample's (best_of's too); outputs may be deltas
+            m.num_generated_tokens if m is not None else sum(len(c.token_ids) for c in out.outputs))
         if m is None:
             return
         if m.time_to_first_token is not None:
             self.ttft_histogram.observe(m.time_to_first_token)
         if m.time_per_output_token is not None:
             self.tpot_histogram.observe(m.time_per_output_token)
+        if m.finished_time is not None:
+            self.e2e_histogram.observe(m.finished_time - m.arrival_time)
 
     def snapshot(self) -> dict:
         return {
             **{f"requests_finished_{r}": self.requests_finished[r] for r in FINISH_REASONS},
             "time_to_first_token_seconds": self.ttft_histogram.as_dict(),
             "time_per_output_token_seconds": self.tpot_histogram.as_dict(),
+            "e2e_request_latency_seconds": self.e2e_histogram.as_dict(),
+            "request_prompt_tokens": self.prompt_tokens_histogram.as_dict(),
+            "request_generation_tokens": self.generation_tokens_histogram.as_dict(),
+            "request_params_n": self.n_histogram.as_dict(),
         }

@@ -237,7 +237,10 @@ def test_every_metric_of_the_table_is_in_the_stats_and_rendered(engine):
     assert snapshot.generation_tokens == stats["generation_tokens"] >= 3
     text = render(stats, {"model": "m"})
     for m in METRICS:  # a positional metric is a counter per position
-        assert f"# TYPE pagedbackend_{m.prometheus} {'counter' if m.kind == 'positional' else m.kind}" in text
+        kind = 'counter' if m.kind == 'positional' else m.kind
+        assert f"# TYPE pagedbackend_{m.prometheus} {kind}" in text
+        if m.vllm is not None:  # Triton's vLLM backend's name, beside ours
+            assert f"# TYPE {m.vllm} {kind}" in text
     exported = (set(ts_metrics.GAUGES) | set(ts_metrics.COUNTERS) | set(ts_metrics.HISTOGRAMS.values())
                 | set(ts_metrics.POSITIONAL))
     assert exported == {m.torchserve for m in METRICS}

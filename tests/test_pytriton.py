@@ -397,6 +397,15 @@ def test_engine_metrics_endpoint_in_prometheus_format(server, idle_after):
                  "pagedbackend_prefix_cache_hit_rate", "pagedbackend_generation_tokens_total",
                  "pagedbackend_time_to_first_token_seconds_bucket", "pagedbackend_time_per_output_token_seconds_count"):
         assert f'{name}{{model="llm"' in text, name
+    # Triton's vLLM backend's names, labelled with the model and its version, counting the same.
+    for name in ("vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:time_to_first_token_seconds_count",
+                 "vllm:time_per_output_token_seconds_count", "vllm:e2e_request_latency_seconds_count",
+                 "vllm:request_prompt_tokens_count", "vllm:request_generation_tokens_sum",
+                 "vllm:request_params_n_count"):
+        found = re.search(re.escape(name) + r'\{model="llm",version="1"\} ([0-9.e+]+)', text)
+        assert found and float(found.group(1)) > 0, name
+    ours = re.search(r'pagedbackend_generation_tokens_total\{model="llm",version="1"\} ([0-9.e+]+)', text)
+    assert ours.group(1) == re.search(r'vllm:generation_tokens_total\{[^}]*\} ([0-9.e+]+)', text).group(1)
     # Triton's own metrics endpoint is up beside it.
     assert "nv_inference_request_success" in urllib.request.urlopen(
         f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=10).read().decode()
@@ -465,7 +474,7 @@ def test_speculative_config_serves_the_tokens_offline_generation_gives_and_expor
                                     [SamplingParams(max_tokens=17, temperature=0, ignore_eos=True)])
     assert len(events) < 17  # streamed deltas carried several tokens
     assert stats["spec_decode_acceptance_rate"] == 1.0
-    assert 'pagedbackend_spec_decode_num_accepted_tokens_per_pos_total{model="llm",position="0"}' in metrics
+    assert 'pagedbackend_spec_decode_num_accepted_tokens_per_pos_total{model="llm",version="1",position="0"}' in metrics
 
 
 PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8},
@@ -529,3 +538,35 @@ def test_structured_outputs_as_a_typed_input_and_bad_constraints_get_a_clean_err
     assert requests and float(requests.group(1)) >= 1, text[-3000:]
     assert 'pagedbackend_grammar_compile_seconds_count{model="llm"' in text
     assert 'pagedbackend_grammar_cache_hits_total{model="llm"' in text
+
+
+def test_return_logprobs_gives_the_vllm_backends_logprobs_new_positions_only_when_streaming(server, make_engine,
+                                                                                          model_dir, idle_after):
+    from pytriton.client import DecoupledModelClient
+
+    sampling = json.dumps({"max_tokens": 6, "temperature": 0, "ignore_eos": True, "logprobs": 2})
+    with DecoupledModelClient(f"grpc://{server.grpc_url}", "llm") as client:
+        chunks = list(client.infer_sample(text_input=np.array([b"Once upon a time"]), stream=np.array([True]),
+                                          exclude_input_in_output=np.array([True]),
+                                          return_logprobs=np.array([True]), return_num_output_tokens=np.array([True]),
+                                          sampling_parameters=np.array([sampling.encode()])))
+    streamed, ids = [], []
+    for c in chunks:
+        positions = json.loads(c["logprobs"][0])
+        assert len(positions) == int(c["num_output_tokens"][0])  # the new positions only
+        streamed += positions
+        ids += c["token_ids"].tolist()
+    with DecoupledModelClient(f"grpc://{server.grpc_url}", "llm") as client:
+        (whole,) = list(client.infer_sample(text_input=np.array([b"Once upon a time"]), stream=np.array([False]),
+                                            exclude_input_in_output=np.array([True]),
+                                            return_logprobs=np.array([True]),
+                                            sampling_parameters=np.array([sampling.encode()])))
+    assert json.loads(whole["logprobs"][0]) == streamed
+    offline = make_engine(model_dir("llama"), "llm").generate(
+        ["Once upon a time"], SamplingParams(**json.loads(sampling)), use_tqdm=False)[0].outputs[0]
+    assert ids == offline.token_ids and len(streamed) == 6
+    for token, position, expected in zip(ids, streamed, offline.logprobs):
+        chosen = position[str(token)]
+        assert list(position)[0] == str(token) and len(position) <= 3  # the chosen token, then the top 2
+        assert chosen["logprob"] == pytest.approx(expected[token].logprob, abs=1e-5)
+        assert chosen["rank"] == expected[token].rank and chosen["decoded_token"] == expected[token].decoded_token

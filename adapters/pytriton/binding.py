@@ -3,7 +3,8 @@ Triton's vLLM backend, so clients written for that backend work unchanged.
 
 Inputs: `text_input` (bytes); optional `stream` (bool), `sampling_parameters` (a JSON string of
 SamplingParams fields), `exclude_input_in_output` (bool), `return_finish_reason`,
-`return_cumulative_logprob`, `return_num_input_tokens`, `return_num_output_tokens` (bool), and typed sampling inputs
+`return_cumulative_logprob`, `return_logprobs`, `return_num_input_tokens`, `return_num_output_tokens` (bool), and
+typed sampling inputs
 (`max_tokens`, `min_tokens`, `temperature`, `top_p`, `top_k`, `min_p`, `seed`, `n`,
 `ignore_eos`) for clients that cannot send JSON or parameters. Structured output as Triton's
 vLLM backend takes it: `structured_outputs` (vLLM's fields: `json`, `regex`, `choice`,
@@ -15,7 +16,10 @@ Outputs: `text_output` (bytes, one per sample: the new text when streaming, else
 text, with the prompt in front unless `exclude_input_in_output`), `token_ids` (int64, the
 samples' new ids concatenated), `num_output_tokens` (uint32 per sample, to split them),
 `finish_reason` and `num_input_tokens` (on the last response, or on every one when asked),
-`cumulative_logprob` (float32 per sample, when asked).
+`cumulative_logprob` (float32 per sample, when asked), `logprobs` (when asked, as Triton's vLLM
+backend has it: per sample the JSON text of a list of positions, each `{token_id: {logprob, rank,
+decoded_token}}`, the chosen token first and the top `logprobs` alternatives; the new positions
+only when streaming).
 
 The infer function is an async generator: every concurrent request is a coroutine submitting
 to one shared `AsyncLLMEngine`, which batches them.
@@ -36,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 import secrets
 import threading
@@ -49,7 +54,7 @@ from pytriton.model_config import ModelConfig, Tensor
 from pagedbackend import AsyncLLMEngine, EngineArgs, RequestOutput, SamplingParams
 from pagedbackend.adapters.pytriton.proxy import use_cancel_aware_proxy
 from pagedbackend.errors import InvalidRequest
-from pagedbackend.protocol import parse_json
+from pagedbackend.protocol import delta_logprobs, logprobs_json, parse_json
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +71,7 @@ TYPED_SAMPLING_INPUTS = {
     "top_k": np.int32, "min_p": np.float32, "seed": np.int64, "n": np.int32, "ignore_eos": np.bool_,
 }
 FLAG_INPUTS = ("stream", "exclude_input_in_output", "return_finish_reason", "return_cumulative_logprob",
-               "return_num_input_tokens", "return_num_output_tokens")
+               "return_logprobs", "return_num_input_tokens", "return_num_output_tokens")
 _INT_FIELDS = {"n", "top_k", "max_tokens", "min_tokens", "seed"}
 _FLOAT_FIELDS = {"temperature", "top_p", "min_p"}
 _BOOL_FIELDS = {"ignore_eos", "include_stop_str_in_output", "skip_special_tokens", "spaces_between_special_tokens"}
@@ -133,6 +138,7 @@ def model_outputs() -> list[Tensor]:
             Tensor(name="num_output_tokens", dtype=np.uint32, shape=(-1,)),
             Tensor(name="finish_reason", dtype=np.bytes_, shape=(-1,)),
             Tensor(name="cumulative_logprob", dtype=np.float32, shape=(-1,)),
+            Tensor(name="logprobs", dtype=np.bytes_, shape=(-1,)),
             Tensor(name="num_input_tokens", dtype=np.uint32, shape=(1,))]
 
 
@@ -202,7 +208,7 @@ def parse_request(data: dict[str, np.ndarray], parameters: dict[str, Any] | None
                                                   "structured_outputs", "structured_outputs")
     params = SamplingParams.from_dict({k: _coerce(k, v) for k, v in fields.items()})
     returns = {name[len("return_"):] for name in FLAG_INPUTS if name.startswith("return_") and flags.get(name)}
-    if "cumulative_logprob" in returns and params.logprobs is None:
+    if ("cumulative_logprob" in returns or "logprobs" in returns) and params.logprobs is None:
         params = params.clone(logprobs=0)  # the sampler then reports each chosen token's logprob
     return TritonRequest(prompt, params, stream, prepend, returns)
 
@@ -230,6 +236,9 @@ def make_response(out: RequestOutput, req: TritonRequest, first: bool) -> dict[s
         response["finish_reason"] = _bytes([str(c.finish_reason) for c in out.outputs])
     if "cumulative_logprob" in req.returns:
         response["cumulative_logprob"] = np.array([c.cumulative_logprob or 0.0 for c in out.outputs], dtype=np.float32)
+    if "logprobs" in req.returns:  # Triton's vLLM backend's: per sample, JSON of the positions (new ones when streaming)
+        response["logprobs"] = _bytes([json.dumps(logprobs_json(delta_logprobs(c) if req.stream else (c.logprobs or [])))
+                                       for c in out.outputs])
     if out.finished or "num_input_tokens" in req.returns:
         response["num_input_tokens"] = np.array([len(out.prompt_token_ids)], dtype=np.uint32)
     return response

@@ -71,7 +71,9 @@ class MetricsServer:
                 if self.path.split("?")[0] != "/metrics":
                     self.send_error(404)
                     return
-                body = "".join(render(e.get_stats(), {"model": name}) for name, e in engines_ref.items()).encode()
+                # Labels as Triton's vLLM backend sets them: the model and its version.
+                body = "".join(render(e.get_stats(), {"model": name, "version": "1"})
+                               for name, e in engines_ref.items()).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
                 self.send_header("Content-Length", str(len(body)))
@@ -183,13 +185,16 @@ _TRITON_TMP_MODEL_DIR = re.compile(r"^(/tmp/folder[A-Za-z0-9]{6})/")
 
 @dataclass
 class PyTritonServer:
-    """Triton + one bound pagedbackend model + the engine-metrics endpoint; a context manager.
+    """Triton + bound pagedbackend models (one, or `models`: e.g. a Triton vLLM-backend model
+    repository, `repository.read_model_repository`) + the engine-metrics endpoint; a context
+    manager. `engine` / `model` are the first model's.
 
     `stop()` returns within `stop_bound_s` seconds (the sum of the timeouts below: 25 s by
     default; it typically takes 4-5 s when idle, and `drain_timeout` plus 4-8 s under load)."""
 
-    engine_args: EngineArgs
+    engine_args: EngineArgs | None = None
     model_name: str = "pagedbackend"
+    models: dict[str, EngineArgs] = field(default_factory=dict)  # name -> args; instead of engine_args
     host: str = "127.0.0.1"
     http_port: int = 0
     grpc_port: int = 0
@@ -245,17 +250,26 @@ class PyTritonServer:
         config = TritonConfig(http_address=self.host, http_port=self.http_port, grpc_address=self.host,
                               grpc_port=self.grpc_port, metrics_address=self.host, metrics_port=self.metrics_port,
                               log_verbose=self.log_verbose, log_file=self._tmp / "triton.log", **extra)
+        specs = dict(self.models) or {self.model_name: self.engine_args}
+        if any(args is None for args in specs.values()):
+            raise ValueError("PyTritonServer needs engine_args or models")
+        self.engines: dict[str, AsyncLLMEngine] = {}
+        self.bound: dict[str, LLMModel] = {}
         try:
-            self.engine = AsyncLLMEngine.from_engine_args(self.engine_args, progress=False)
+            for name, args in specs.items():
+                self.engines[name] = AsyncLLMEngine.from_engine_args(args, progress=False)
+            self.engine = next(iter(self.engines.values()))
             self.triton = Triton(config=config, workspace=self._tmp / "workspace")
             with contextlib.suppress(Exception):  # PyTriton internals: the Python backend's shm names
                 self._shm_prefix = self.triton._python_backend_config["shm-region-prefix-name"]
-            self.model = bind_model(self.triton, LLMModel(self.engine), self.model_name)
+            for name, engine in self.engines.items():
+                self.bound[name] = bind_model(self.triton, LLMModel(engine), name)
+            self.model = next(iter(self.bound.values()))
             self._envs_before = (time.time(), set(glob.glob("/tmp/python_env_*")))
             self.triton.run()
             self._python_envs = self._new_python_envs()
             self._snapshot()
-            self.metrics = MetricsServer(self.host, self.engine_metrics_port, {self.model_name: self.engine}).start()
+            self.metrics = MetricsServer(self.host, self.engine_metrics_port, self.engines).start()
         except BaseException:
             self.stop()
             raise
@@ -280,14 +294,15 @@ class PyTritonServer:
             self._stopping = True
         started = time.monotonic()
         try:
-            model = getattr(self, "model", None)
-            if model is not None:
-                self._end_requests(model)
+            bound = getattr(self, "bound", {})
+            for model in bound.values():  # all stop admitting and drain at once
+                model.stop_accepting()
+            for name, model in bound.items():
+                self._end_requests(model, self.engines[name])
             self._stop_part("metrics")
             self._stop_triton()
         finally:
-            engine = getattr(self, "engine", None)
-            if engine is not None:
+            for engine in getattr(self, "engines", {}).values():
                 engine.shutdown(timeout=2.0)
             self._remove_leftovers()
             logger.info("PyTriton server stopped in %.1fs", time.monotonic() - started)
@@ -302,7 +317,7 @@ class PyTritonServer:
             time.sleep(0.02)
         self._remove_leftovers()
 
-    def _end_requests(self, model: Any) -> None:
+    def _end_requests(self, model: Any, engine: AsyncLLMEngine) -> None:
         model.stop_accepting()
         if model.wait_idle(self.drain_timeout):
             return
@@ -317,7 +332,7 @@ class PyTritonServer:
             return
         logger.warning("%d request(s) did not end after the abort; shutting the engine down",
                        len(model.running()))
-        self.engine.shutdown(timeout=1.0)  # their streams end with an error
+        engine.shutdown(timeout=1.0)  # their streams end with an error
         if not model.wait_idle(0.5):
             model.cancel_all()
             model.wait_idle(0.5)

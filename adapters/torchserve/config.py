@@ -6,11 +6,38 @@ from __future__ import annotations
 from typing import Any
 
 from pagedbackend.config import EngineArgs
+from pagedbackend.vllm_args import engine_kwargs
 
 # handler: keys that are not EngineArgs fields.
 HANDLER_KEYS = ("model_path", "served_model_name", "chat_template", "metrics_interval_s", "tool_call_parser")
 # tool_call_parser: vLLM's --tool-call-parser names, or auto (by the model's family).
 TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json")
+
+
+def flatten_handler(handler: dict[str, Any] | None) -> dict[str, Any]:
+    """The handler section in this handler's flat form: an upstream `vllm_engine_config:`
+    (TorchServe's examples/large_models/vllm) merged into it, `served_model_name` given as vLLM's
+    list reduced to its first name (the one responses carry). Raises ValueError naming a key
+    that cannot be honoured."""
+    handler = dict(handler or {})
+    if handler.get("adapters"):
+        raise ValueError("model-config.yaml handler.adapters: LoRA adapters are not supported yet")
+    handler.pop("adapters", None)
+    nested = handler.pop("vllm_engine_config", None)
+    if nested is not None:
+        if not isinstance(nested, dict):
+            raise ValueError("model-config.yaml handler.vllm_engine_config must be a mapping of vLLM engine arguments")
+        where = "model-config.yaml handler.vllm_engine_config"
+        for key, value in engine_kwargs(nested, where, extra=("served_model_name",)).items():
+            if key in handler:
+                raise ValueError(f"{where}.{key} is also set in handler: give it once")
+            handler[key] = value
+    served = handler.get("served_model_name")
+    if isinstance(served, list):
+        if not served or not all(isinstance(n, str) and n for n in served):
+            raise ValueError("model-config.yaml handler served_model_name must be a name or a non-empty list of names")
+        handler["served_model_name"] = served[0]
+    return handler
 
 
 def validate_model_config(config: dict[str, Any]) -> None:
@@ -23,7 +50,7 @@ def validate_model_config(config: dict[str, Any]) -> None:
         raise ValueError("model-config.yaml: batchSize must be 1 with asyncCommunication (the engine does the "
                          "batching; TorchServe 0.12's async mode crashes the worker with larger batches)")
     tensor_parallel_size(config)
-    handler = dict(config.get("handler") or {})
+    handler = flatten_handler(config.get("handler"))
     known = set(HANDLER_KEYS) | set(EngineArgs.field_names()) - {"model"}
     unknown = sorted(set(handler) - known)
     if unknown:
@@ -42,7 +69,7 @@ def tensor_parallel_size(config: dict[str, Any]) -> int:
     """The engine's ranks, agreeing with how TorchServe is told to run them: `parallelType:
     custom` + `parallelLevel: N` (the handler's engine starts its ranks), or `parallelType: tp` +
     `torchrun: {nproc-per-node: N}` (TorchServe starts them). Unset, it follows those."""
-    handler = config.get("handler") or {}
+    handler = flatten_handler(config.get("handler"))
     kind = config.get("parallelType")
     if kind in ("tp", "pp", "pptp"):
         if kind != "tp":

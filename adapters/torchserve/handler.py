@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from pagedbackend import AsyncLLMEngine, EngineArgs
-from pagedbackend.adapters.torchserve.config import tensor_parallel_size, validate_model_config
+from pagedbackend.adapters.torchserve.config import flatten_handler, tensor_parallel_size, validate_model_config
 from pagedbackend.distributed import launched_by_torchrun
 from pagedbackend.adapters.torchserve.metrics import EngineMetrics
 from pagedbackend.adapters.torchserve.routes import MeteredEngine, RequestPump, complete_body, error_reply, open_reply
@@ -91,7 +91,7 @@ class PagedLLMHandler:
         yaml = context.model_yaml_config or {}
         validate_model_config(yaml)
         self.continuous = bool(yaml.get("continuousBatching"))
-        cfg = dict(yaml.get("handler") or {})
+        cfg = flatten_handler(yaml.get("handler"))
         model_dir = Path(context.system_properties.get("model_dir") or ".")
         model = Path(cfg.pop("model_path", "") or model_dir)
         if not model.is_absolute():

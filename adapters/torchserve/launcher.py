@@ -10,6 +10,7 @@ one directory per server), waits until the model's worker is ready, and stops it
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -25,7 +26,9 @@ from typing import Any
 import yaml
 
 from pagedbackend.adapters.ports import free_port
-from pagedbackend.adapters.torchserve.config import validate_model_config
+from pagedbackend.adapters.torchserve.config import flatten_handler, validate_model_config
+
+logger = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 HANDLER_FILE = HERE / "handler.py"
@@ -98,10 +101,20 @@ def build_archive(model: str | os.PathLike, name: str, export_path: str | os.Pat
     if not name or any(c in name for c in "/\\ "):
         raise ValueError(f"name: {name!r} is not a valid model name")
     cfg = load_model_config(config)
-    handler = cfg.setdefault("handler", {}) or {}
+    handler = flatten_handler(cfg.get("handler"))  # an upstream vllm_engine_config: section, merged
     cfg["handler"] = handler
     if model_path is not None:
         handler["model_path"] = str(Path(model_path).resolve())
+    if tensor_parallel_size is None and cfg.get("parallelType") == "custom" and int(cfg.get("parallelLevel", 1)) > 1:
+        # Upstream's spelling (examples/large_models/vllm), which TorchServe 0.12 cannot start:
+        # archived as the working one, one worker whose engine starts parallelLevel ranks.
+        tensor_parallel_size = int(cfg["parallelLevel"])
+        if handler.setdefault("tensor_parallel_size", tensor_parallel_size) != tensor_parallel_size:
+            raise ValueError(f"model-config.yaml: handler tensor_parallel_size: {handler['tensor_parallel_size']} does "
+                             f"not match parallelLevel: {tensor_parallel_size}")
+        logger.info("parallelType: custom with parallelLevel: %d archived as parallelLevel: %d (one worker "
+                    "starting its ranks; TorchServe 0.12 cannot start the custom spelling)",
+                    tensor_parallel_size, tensor_parallel_size)
     if tensor_parallel_size is not None:
         set_tensor_parallel(cfg, tensor_parallel_size, parallel_type)
     validate_model_config(cfg)

@@ -33,7 +33,8 @@ COUNTERS = {m.torchserve: m.key for m in METRICS if m.kind == "counter"}  # emit
 # Seconds, as Prometheus expects (TorchServe's histogram buckets run from 5 ms to 10 s).
 HISTOGRAMS = {m.key: m.torchserve for m in METRICS if m.kind == "histogram"}
 # Sampled when a request finishes (`request_finished`); the others are read from the stats.
-REQUEST_HISTOGRAMS = ("time_to_first_token_seconds", "time_per_output_token_seconds")
+REQUEST_HISTOGRAMS = ("time_to_first_token_seconds", "time_per_output_token_seconds", "e2e_request_latency_seconds",
+                      "request_prompt_tokens", "request_generation_tokens", "request_params_n")
 # Lists of counters, one per position: emitted as increments with a Position dimension.
 POSITIONAL = {m.torchserve: m.key for m in METRICS if m.kind == "positional"}
 
@@ -104,11 +105,18 @@ class EngineMetrics:
 
     def request_finished(self, out: RequestOutput) -> None:
         m = out.metrics
-        if m is None:
-            return
+        samples: dict[str, tuple[float | None, str]] = {
+            "request_prompt_tokens": (len(out.prompt_token_ids), "count"),
+            "request_params_n": (len(out.outputs), "count"),
+            "request_generation_tokens": (m.num_generated_tokens if m is not None
+                                          else sum(len(c.token_ids) for c in out.outputs), "count")}
+        if m is not None:
+            samples.update({
+                "time_to_first_token_seconds": (m.time_to_first_token, "s"),
+                "time_per_output_token_seconds": (m.time_per_output_token, "s"),
+                "e2e_request_latency_seconds": (m.finished_time - m.arrival_time if m.finished_time is not None
+                                                else None, "s")})
         with self._lock:
-            samples = {"time_to_first_token_seconds": m.time_to_first_token,
-                       "time_per_output_token_seconds": m.time_per_output_token}
-            for key, value in samples.items():
+            for key, (value, unit) in samples.items():
                 if value is not None:
-                    self._metrics.add_metric(HISTOGRAMS[key], round(value, 6), "s", metric_type=MetricTypes.HISTOGRAM)
+                    self._metrics.add_metric(HISTOGRAMS[key], round(value, 6), unit, metric_type=MetricTypes.HISTOGRAM)

@@ -1,0 +1,186 @@
+"""TorchServe model-config.yaml files as TorchServe's own vLLM examples write them
+(examples/large_models/vllm: `handler: {model_path, vllm_engine_config: {...}, chat_template}`
+with `deviceType`, `asyncCommunication`, `parallelType: custom` + `parallelLevel` at the top)
+archive and serve unchanged; each `vllm_engine_config` key is mapped to the engine argument of
+the same (vLLM) name, and a key that cannot be honoured fails the archive and the load, named
+(upstream ignores unknown keys silently)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from pagedbackend.adapters.torchserve.config import flatten_handler, validate_model_config
+from pagedbackend.adapters.torchserve.launcher import TorchServe, build_archive
+from http_client import post
+
+
+def upstream_config(model_path: str, *, parallel_level: int = 1, mode: str = "asyncCommunication", **engine) -> dict:
+    """The shape of examples/large_models/vllm/llama3/model-config.yaml (and its TP=4 sibling),
+    written from its keys: frontend parameters on top, vLLM's engine arguments nested."""
+    cfg = {"minWorkers": 1, "maxWorkers": 1, "maxBatchDelay": 100, "startupTimeout": 1200, "deviceType": "gpu",
+           mode: True,
+           "handler": {"model_path": model_path,
+                       "vllm_engine_config": {"max_num_seqs": 16, "max_model_len": 250,
+                                              "served_model_name": ["tiny-llama", "llama"], **engine}}}
+    if mode == "continuousBatching":
+        cfg["batchSize"] = 16
+    if parallel_level > 1:
+        cfg.update(parallelType="custom", parallelLevel=parallel_level)
+        cfg["handler"]["vllm_engine_config"]["tensor_parallel_size"] = parallel_level
+    return cfg
+
+
+def test_vllm_engine_config_keys_map_to_the_engine_arguments_of_the_same_name(model_dir):
+    cfg = upstream_config(str(model_dir("llama")), enforce_eager=True, block_size=32, seed=3)
+    validate_model_config(cfg)
+    flat = flatten_handler(cfg["handler"])
+    assert flat == {"model_path": str(model_dir("llama")), "max_num_seqs": 16, "max_model_len": 250,
+                    "served_model_name": "tiny-llama", "enforce_eager": True, "block_size": 32, "seed": 3}
+
+
+@pytest.mark.parametrize("engine,message", [
+    ({"gpu_memory_utilization": 0.9}, "vllm_engine_config.gpu_memory_utilization: .*kv_cache_memory_fraction"),
+    ({"enable_lora": True}, "vllm_engine_config.enable_lora: LoRA adapters are not supported yet"),
+    ({"swap_space_gb": 4}, r"vllm_engine_config.swap_space_gb is not supported \(vLLM would ignore it silently"),
+    ({"disable_log_stats": False}, "vllm_engine_config.disable_log_stats: only True is supported"),
+    ({"block_size": 12}, "block_size must be one of"),
+])
+def test_a_vllm_engine_config_key_that_cannot_be_honoured_fails_the_archive_naming_it(engine, message, model_dir,
+                                                                                     tmp_path):
+    cfg_file = tmp_path / "model-config.yaml"
+    cfg_file.write_text(yaml.safe_dump(upstream_config(str(model_dir("llama")), **engine)))
+    with pytest.raises(ValueError, match=message):
+        build_archive(model_dir("llama"), "tiny", tmp_path / "store", cfg_file)
+    assert not (tmp_path / "store" / "tiny.mar").exists()
+
+
+def test_a_key_given_flat_and_nested_and_lora_adapters_are_refused(model_dir):
+    cfg = upstream_config(str(model_dir("llama")))
+    cfg["handler"]["max_num_seqs"] = 8
+    with pytest.raises(ValueError, match="vllm_engine_config.max_num_seqs is also set in handler"):
+        validate_model_config(cfg)
+    cfg = upstream_config(str(model_dir("llama")))
+    cfg["handler"]["adapters"] = {"adapter_1": "adapters/sql"}
+    with pytest.raises(ValueError, match="handler.adapters: LoRA adapters are not supported yet"):
+        validate_model_config(cfg)
+
+
+def test_upstreams_tensor_parallel_spelling_is_archived_as_the_one_torchserve_0_12_starts(model_dir, tmp_path):
+    cfg_file = tmp_path / "model-config.yaml"
+    cfg_file.write_text(yaml.safe_dump(upstream_config(str(model_dir("llama")), parallel_level=2)))
+    archive = build_archive(model_dir("llama"), "tiny", tmp_path / "store", cfg_file, no_archive=True)
+    archived = yaml.safe_load(next(archive.rglob("model-config.yaml")).read_text())
+    assert archived["parallelLevel"] == 2 and "parallelType" not in archived
+    assert archived["handler"]["tensor_parallel_size"] == 2 and "vllm_engine_config" not in archived["handler"]
+
+
+@pytest.mark.parametrize("mode", ["asyncCommunication", "continuousBatching"])
+def test_an_upstream_vllm_example_config_archives_and_serves(mode, model_dir, tmp_path):
+    store = tmp_path / "store"
+    cfg_file = tmp_path / "model-config.yaml"
+    cfg_file.write_text(yaml.safe_dump(upstream_config(str(model_dir("llama")), mode=mode)))
+    build_archive(model_dir("llama"), "tiny", store, cfg_file)
+    with TorchServe(store, {"tiny": "tiny.mar"}, tmp_path / "ts", token_auth=False) as server:
+        status, _, body = post(server.inference_port, "/predictions/tiny/1.0/v1/completions",
+                               {"model": "tiny-llama", "prompt": "Once upon a time", "max_tokens": 5,
+                                "temperature": 0})
+        assert status == 200, body
+        answer = json.loads(body)
+        assert answer["model"] == "tiny-llama" and answer["usage"]["completion_tokens"] == 5
+
+
+# ------------------------------------------------------------ Triton vLLM-backend repositories
+def write_repository(root, models: dict[str, dict], pbtxt_backend: str = "vllm") -> None:
+    """A repository as Triton's vLLM backend documents it: <name>/config.pbtxt, <name>/1/model.json."""
+    for name, model_json in models.items():
+        (root / name / "1").mkdir(parents=True)
+        (root / name / "config.pbtxt").write_text(
+            f'backend: "{pbtxt_backend}"\n\n# Disabling batching in Triton, let vLLM handle the batching on its own.\n'
+            'max_batch_size: 0\n\nmodel_transaction_policy {\n  decoupled: True\n}\n'
+            'instance_group [\n  {\n    count: 1\n    kind: KIND_MODEL\n  }\n]\n'
+            'parameters: {\n  key: "REPORT_CUSTOM_METRICS"\n  value: {\n    string_value: "true"\n  }\n}\n')
+        (root / name / "1" / "model.json").write_text(json.dumps(model_json))
+
+
+def test_a_model_repository_is_read_with_vllm_names_and_strings_for_booleans_and_numbers(model_dir, tmp_path):
+    from pagedbackend.adapters.pytriton.repository import read_model_repository
+
+    write_repository(tmp_path, {
+        "llama": {"model": str(model_dir("llama")), "disable_log_requests": "true", "enforce_eager": "true",
+                  "max_num_seqs": "8", "kv_cache_memory_fraction": "0.05"},
+        "qwen": {"model": str(model_dir("qwen2")), "max_model_len": 256},
+    })
+    (tmp_path / "llama" / "2").mkdir()  # a version without model.json is not a version to serve
+    models = read_model_repository(tmp_path)
+    assert list(models) == ["llama", "qwen"]
+    llama = models["llama"]
+    assert (llama.enforce_eager, llama.max_num_seqs, llama.kv_cache_memory_fraction) == (True, 8, 0.05)
+    assert models["qwen"].model == str(model_dir("qwen2")) and models["qwen"].max_model_len == 256
+
+
+@pytest.mark.parametrize("setup,message", [
+    (lambda root, m: write_repository(root, {"a": {"model": m, "gpu_memory_utilization": 0.5}}),
+     r"a/1/model.json.gpu_memory_utilization: .*kv_cache_memory_fraction"),
+    (lambda root, m: write_repository(root, {"a": {"model": m, "max_num_seqs": "lots"}}),
+     "max_num_seqs must be a number"),
+    (lambda root, m: write_repository(root, {"a": {"model": m, "speculative_model": "x"}}),
+     r"speculative_model is not supported \(vLLM would ignore it silently"),
+    (lambda root, m: write_repository(root, {"a": {"model": m}}, pbtxt_backend="python"),
+     "backend is 'python'; only Triton's vLLM backend"),
+    (lambda root, m: (write_repository(root, {"a": {"model": m}}),
+                      (root / "a" / "1" / "multi_lora.json").write_text('{"sql": "/adapters/sql"}')),
+     "multi_lora.json: LoRA adapters are not supported yet"),
+    (lambda root, m: write_repository(root, {"a": {"max_num_seqs": 4}}), 'must be a JSON object with "model"'),
+    (lambda root, m: None, "holds no model"),
+])
+def test_a_repository_model_that_cannot_be_served_is_an_error_naming_the_file(setup, message, model_dir, tmp_path):
+    from pagedbackend.adapters.pytriton.repository import read_model_repository
+
+    setup(tmp_path, str(model_dir("llama")))
+    with pytest.raises(ValueError, match=message):
+        read_model_repository(tmp_path)
+
+
+def test_every_model_of_a_repository_is_served_and_answers_like_offline(model_dir, tmp_path, make_engine):
+    from pagedbackend import SamplingParams
+    from pagedbackend.adapters.pytriton import PyTritonServer
+    from pagedbackend.adapters.pytriton.repository import read_model_repository
+    from http_client import stream
+
+    write_repository(tmp_path / "repo", {"llama": {"model": str(model_dir("llama")), "enforce_eager": "true"},
+                                         "qwen": {"model": str(model_dir("qwen2"))}})
+    sampling = {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    with PyTritonServer(models=read_model_repository(tmp_path / "repo")) as server:
+        port = int(server.http_url.rsplit(":", 1)[1])
+        for name, arch in (("llama", "llama"), ("qwen", "qwen2")):
+            lines = list(stream(port, f"/v2/models/{name}/generate_stream", {
+                "text_input": "Once upon a time", "stream": True, "exclude_input_in_output": True,
+                "sampling_parameters": json.dumps(sampling)}))
+            events = [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: ")]
+            text = "".join(e["text_output"] for e in events)
+            offline = make_engine(model_dir(arch), "llm").generate(["Once upon a time"], SamplingParams(**sampling),
+                                                                  use_tqdm=False)[0].outputs[0]
+            assert text == offline.text and events[-1]["finish_reason"] == "length"
+        import urllib.request
+
+        metrics = urllib.request.urlopen(server.metrics.url, timeout=10).read().decode()
+        for name in ("llama", "qwen"):
+            assert f'vllm:generation_tokens_total{{model="{name}",version="1"}} 6.0' in metrics
+        for engine in server.engines.values():
+            engine.engine.check_all_blocks_free()
+
+
+def test_serve_pytriton_takes_a_model_repository_or_a_model_not_both(model_dir, tmp_path):
+    import subprocess
+    import sys
+
+    write_repository(tmp_path, {"llama": {"model": str(model_dir("llama"))}})
+    done = subprocess.run([sys.executable, "-m", "pagedbackend.cli", "serve", "pytriton", "--model-repository",
+                           str(tmp_path), "--max-num-seqs", "4"], capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "come from its model.json" in done.stderr and "--max-num-seqs" in done.stderr
+    done = subprocess.run([sys.executable, "-m", "pagedbackend.cli", "serve", "pytriton"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode != 0 and "--model-repository" in done.stderr
