@@ -207,8 +207,9 @@ class EngineArgs:
     kv_cache_memory_fraction: float | None = setting(
         None, check=_check_fraction,
         doc_default=f"{DEFAULT_KV_FRACTION['cuda']:g} GPU / {DEFAULT_KV_FRACTION['cpu']:g} CPU",
-        help="share of device memory (after weights) for the KV cache; capped at what `max_num_seqs` "
-             "full-length sequences can use")
+        help="on a GPU, the share of the device this engine's weights, activations and KV cache reach together "
+             "(vLLM's `gpu_memory_utilization`, per engine); on the CPU, the share of available host memory for the "
+             "KV cache; capped at what `max_num_seqs` full-length sequences can use")
     max_num_seqs: int = setting(256, minimum=1, help="sequences computed per step at most")
     max_num_batched_tokens: int | None = setting(
         None, minimum=1, doc_default=f"{DEFAULT_CHUNKED_BUDGET} (chunked)",

@@ -16,6 +16,9 @@ from pagedbackend.outputs import RequestOutput
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
 # Token counts per request, vLLM's 1-2-5 series.
 TOKEN_BUCKETS = tuple(m * 10 ** e for e in range(6) for m in (1, 2, 5))
+# Seconds from arrival to the last output (vLLM's e2e_request_latency_seconds buckets).
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+               960.0, 1920.0, 7680.0)
 # Samples per request (vLLM's request_params_n buckets).
 N_BUCKETS = (1, 2, 5, 10, 20)
 
@@ -172,7 +175,7 @@ class EngineStats:
     requests_finished: collections.Counter = field(default_factory=collections.Counter)  # finish_reason ->
     ttft_histogram: Histogram = field(default_factory=Histogram)
     tpot_histogram: Histogram = field(default_factory=Histogram)
-    e2e_histogram: Histogram = field(default_factory=Histogram)
+    e2e_histogram: Histogram = field(default_factory=lambda: Histogram.with_bounds(E2E_BUCKETS))
     prompt_tokens_histogram: Histogram = field(default_factory=lambda: Histogram.with_bounds(TOKEN_BUCKETS))
     generation_tokens_histogram: Histogram = field(default_factory=lambda: Histogram.with_bounds(TOKEN_BUCKETS))
     n_histogram: Histogram = field(default_factory=lambda: Histogram.with_bounds(N_BUCKETS))

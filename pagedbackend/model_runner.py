@@ -47,6 +47,9 @@ class ModelRunner:
         self.device = resolve_device(config.device)
         # Triton launches on the thread's current device, whatever the tensors' device is.
         pin_device(self.device)
+        # What was free before this engine took anything: its budget counts only its own use, so
+        # several engines (a model repository) can share a device as vLLM instances do.
+        self._free_at_start = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
         self.block_size = config.block_size
         self.model = load_model(config, progress, str(self.device))
         self.vocab_size = config.model_config.vocab_size
@@ -138,7 +141,7 @@ class ModelRunner:
         per_block = self.bytes_per_block
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            budget = fraction * total - (total - free) - (self.activation_bytes or 0)
+            budget = cuda_kv_budget(fraction, total, self._free_at_start, free, self.activation_bytes or 0)
         else:
             budget = fraction * _host_available_bytes()
         # More blocks than max_num_seqs full-length sequences can use is only prefix cache.
@@ -559,6 +562,14 @@ def make_graph_capture(device: torch.device) -> Callable[[Callable[[], None]], C
 
 
 # ---------------------------------------------------------------------------- devices
+def cuda_kv_budget(fraction: float, total: int, free_at_start: int, free_now: int, activations: int) -> float:
+    """Bytes for the KV cache on a GPU (vLLM's `gpu_memory_utilization`, per instance): this
+    engine's own use (what it took since its runner started: weights, buffers), its peak
+    activations and the KV together reach `fraction` of the device, and never more than is free."""
+    own = max(free_at_start - free_now, 0)
+    return min(fraction * total - own - activations, free_now - activations)
+
+
 def resolve_device(device: str) -> torch.device:
     """The one device this rank runs on. `cuda` (what device="auto" resolves to) names a GPU:
     a tensor-parallel rank's own (its local rank), else the calling thread's current device

@@ -42,10 +42,10 @@ def test_vllm_engine_config_keys_map_to_the_engine_arguments_of_the_same_name(mo
 
 
 @pytest.mark.parametrize("engine,message", [
-    ({"gpu_memory_utilization": 0.9}, "vllm_engine_config.gpu_memory_utilization: .*kv_cache_memory_fraction"),
+    ({"gpu_memory_utilization": 1.5}, "kv_cache_memory_fraction must be in"),
     ({"enable_lora": True}, "vllm_engine_config.enable_lora: LoRA adapters are not supported yet"),
     ({"swap_space_gb": 4}, r"vllm_engine_config.swap_space_gb is not supported \(vLLM would ignore it silently"),
-    ({"disable_log_stats": False}, "vllm_engine_config.disable_log_stats: only True is supported"),
+    ({"disable_log_requests": False}, "vllm_engine_config.disable_log_requests: only True is supported"),
     ({"block_size": 12}, "block_size must be one of"),
 ])
 def test_a_vllm_engine_config_key_that_cannot_be_honoured_fails_the_archive_naming_it(engine, message, model_dir,
@@ -77,11 +77,15 @@ def test_upstreams_tensor_parallel_spelling_is_archived_as_the_one_torchserve_0_
     assert archived["handler"]["tensor_parallel_size"] == 2 and "vllm_engine_config" not in archived["handler"]
 
 
-@pytest.mark.parametrize("mode", ["asyncCommunication", "continuousBatching"])
-def test_an_upstream_vllm_example_config_archives_and_serves(mode, model_dir, tmp_path):
+@pytest.mark.parametrize("mode,model_path", [("asyncCommunication", "absolute"),
+                                             ("continuousBatching", "model/models--org--tiny/snapshots/abc")])
+def test_an_upstream_vllm_example_config_archives_and_serves(mode, model_path, model_dir, tmp_path):
+    """With an absolute model_path the archive points at the model; a relative one (upstream
+    names the model inside its own store) is replaced by the model packaged into the archive."""
     store = tmp_path / "store"
     cfg_file = tmp_path / "model-config.yaml"
-    cfg_file.write_text(yaml.safe_dump(upstream_config(str(model_dir("llama")), mode=mode)))
+    path = str(model_dir("llama")) if model_path == "absolute" else model_path
+    cfg_file.write_text(yaml.safe_dump(upstream_config(path, mode=mode)))
     build_archive(model_dir("llama"), "tiny", store, cfg_file)
     with TorchServe(store, {"tiny": "tiny.mar"}, tmp_path / "ts", token_auth=False) as server:
         status, _, body = post(server.inference_port, "/predictions/tiny/1.0/v1/completions",
@@ -93,16 +97,18 @@ def test_an_upstream_vllm_example_config_archives_and_serves(mode, model_dir, tm
 
 
 # ------------------------------------------------------------ Triton vLLM-backend repositories
-def write_repository(root, models: dict[str, dict], pbtxt_backend: str = "vllm") -> None:
+def write_repository(root, models: dict[str, dict], pbtxt_backend: str = "vllm",
+                     versions: dict[str, int] | None = None) -> None:
     """A repository as Triton's vLLM backend documents it: <name>/config.pbtxt, <name>/1/model.json."""
     for name, model_json in models.items():
-        (root / name / "1").mkdir(parents=True)
+        version = str((versions or {}).get(name, 1))
+        (root / name / version).mkdir(parents=True)
         (root / name / "config.pbtxt").write_text(
             f'backend: "{pbtxt_backend}"\n\n# Disabling batching in Triton, let vLLM handle the batching on its own.\n'
             'max_batch_size: 0\n\nmodel_transaction_policy {\n  decoupled: True\n}\n'
             'instance_group [\n  {\n    count: 1\n    kind: KIND_MODEL\n  }\n]\n'
             'parameters: {\n  key: "REPORT_CUSTOM_METRICS"\n  value: {\n    string_value: "true"\n  }\n}\n')
-        (root / name / "1" / "model.json").write_text(json.dumps(model_json))
+        (root / name / version / "model.json").write_text(json.dumps(model_json))
 
 
 def test_a_model_repository_is_read_with_vllm_names_and_strings_for_booleans_and_numbers(model_dir, tmp_path):
@@ -116,14 +122,15 @@ def test_a_model_repository_is_read_with_vllm_names_and_strings_for_booleans_and
     (tmp_path / "llama" / "2").mkdir()  # a version without model.json is not a version to serve
     models = read_model_repository(tmp_path)
     assert list(models) == ["llama", "qwen"]
-    llama = models["llama"]
+    llama = models["llama"].args
     assert (llama.enforce_eager, llama.max_num_seqs, llama.kv_cache_memory_fraction) == (True, 8, 0.05)
-    assert models["qwen"].model == str(model_dir("qwen2")) and models["qwen"].max_model_len == 256
+    assert models["qwen"].args.model == str(model_dir("qwen2")) and models["qwen"].args.max_model_len == 256
+    assert models["llama"].version == 1
 
 
 @pytest.mark.parametrize("setup,message", [
-    (lambda root, m: write_repository(root, {"a": {"model": m, "gpu_memory_utilization": 0.5}}),
-     r"a/1/model.json.gpu_memory_utilization: .*kv_cache_memory_fraction"),
+    (lambda root, m: write_repository(root, {"a": {"model": m, "tokenizer_mode": "slow"}}),
+     r"a/1/model.json.tokenizer_mode: the tokenizer is the model directory's"),
     (lambda root, m: write_repository(root, {"a": {"model": m, "max_num_seqs": "lots"}}),
      "max_num_seqs must be a number"),
     (lambda root, m: write_repository(root, {"a": {"model": m, "speculative_model": "x"}}),
@@ -135,6 +142,9 @@ def test_a_model_repository_is_read_with_vllm_names_and_strings_for_booleans_and
      "multi_lora.json: LoRA adapters are not supported yet"),
     (lambda root, m: write_repository(root, {"a": {"max_num_seqs": 4}}), 'must be a JSON object with "model"'),
     (lambda root, m: None, "holds no model"),
+    (lambda root, m: (write_repository(root, {"a": {"model": m}}),
+                      (root / "a" / "config.pbtxt").write_text('name: "b"\nbackend: "vllm"\n')),
+     "name 'b' is not its directory's"),
 ])
 def test_a_repository_model_that_cannot_be_served_is_an_error_naming_the_file(setup, message, model_dir, tmp_path):
     from pagedbackend.adapters.pytriton.repository import read_model_repository
@@ -151,12 +161,12 @@ def test_every_model_of_a_repository_is_served_and_answers_like_offline(model_di
     from http_client import stream
 
     write_repository(tmp_path / "repo", {"llama": {"model": str(model_dir("llama")), "enforce_eager": "true"},
-                                         "qwen": {"model": str(model_dir("qwen2"))}})
+                                         "qwen": {"model": str(model_dir("qwen2"))}}, versions={"qwen": 2})
     sampling = {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
     with PyTritonServer(models=read_model_repository(tmp_path / "repo")) as server:
         port = int(server.http_url.rsplit(":", 1)[1])
-        for name, arch in (("llama", "llama"), ("qwen", "qwen2")):
-            lines = list(stream(port, f"/v2/models/{name}/generate_stream", {
+        for name, arch, version in (("llama", "llama", 1), ("qwen", "qwen2", 2)):
+            lines = list(stream(port, f"/v2/models/{name}/versions/{version}/generate_stream", {
                 "text_input": "Once upon a time", "stream": True, "exclude_input_in_output": True,
                 "sampling_parameters": json.dumps(sampling)}))
             events = [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: ")]
@@ -167,8 +177,10 @@ def test_every_model_of_a_repository_is_served_and_answers_like_offline(model_di
         import urllib.request
 
         metrics = urllib.request.urlopen(server.metrics.url, timeout=10).read().decode()
-        for name in ("llama", "qwen"):
-            assert f'vllm:generation_tokens_total{{model="{name}",version="1"}} 6.0' in metrics
+        for name, version in (("llama", 1), ("qwen", 2)):
+            assert f'vllm:generation_tokens_total{{model="{name}",version="{version}"}} 6.0' in metrics
+        types = [line for line in metrics.splitlines() if line.startswith("# TYPE ")]
+        assert len(types) == len(set(types))  # one family each, a sample per model (the exposition format)
         for engine in server.engines.values():
             engine.engine.check_all_blocks_free()
 
@@ -184,3 +196,29 @@ def test_serve_pytriton_takes_a_model_repository_or_a_model_not_both(model_dir, 
     done = subprocess.run([sys.executable, "-m", "pagedbackend.cli", "serve", "pytriton"], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode != 0 and "--model-repository" in done.stderr
+
+
+def test_the_gpu_budget_counts_only_this_engines_own_use_as_vllm_instances_do():
+    from pagedbackend.model_runner import cuda_kv_budget
+
+    gib = 2**30
+    # 80 GiB device; another engine already holds 30 GiB; this one took 10 GiB of weights.
+    budget = cuda_kv_budget(0.5, 80 * gib, free_at_start=50 * gib, free_now=40 * gib, activations=2 * gib)
+    assert budget == 0.5 * 80 * gib - 10 * gib - 2 * gib  # 28 GiB: its half of the device, whatever others hold
+    # Never more than what is free.
+    assert cuda_kv_budget(0.9, 80 * gib, 20 * gib, 10 * gib, 1 * gib) == 9 * gib
+
+
+def test_vllm_names_for_our_settings_and_vllm_defaults_are_accepted(model_dir):
+    from pagedbackend.vllm_args import engine_kwargs
+
+    kwargs = engine_kwargs({"gpu_memory_utilization": "0.6", "disable_log_stats": "false", "download_dir": None,
+                            "enable_lora": False, "max_loras": 4, "max_num_seqs": 4}, "model.json")
+    assert kwargs == {"kv_cache_memory_fraction": 0.6, "max_num_seqs": 4}
+    with pytest.raises(ValueError, match="enable_lora: LoRA adapters are not supported yet"):
+        engine_kwargs({"enable_lora": "true", "max_loras": 4}, "model.json")
+    with pytest.raises(ValueError, match="give it or kv_cache_memory_fraction, not both"):
+        engine_kwargs({"gpu_memory_utilization": 0.5, "kv_cache_memory_fraction": 0.5}, "model.json")
+    cfg = upstream_config(str(model_dir("llama")))
+    cfg["handler"]["vllm_engine_config"]["model"] = cfg["handler"].pop("model_path")  # upstream accepts it here
+    assert flatten_handler(cfg["handler"])["model_path"] == str(model_dir("llama"))

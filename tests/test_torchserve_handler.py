@@ -98,6 +98,19 @@ def test_an_inline_chat_template_longer_than_a_file_name_and_the_tool_call_parse
     assert h2.tool_call_parser == "hermes"
 
 
+def test_device_type_cpu_puts_the_engine_on_the_cpu(model_dir):
+    h = PagedLLMHandler()
+    ctx = make_context(model_dir("llama"), handler={}, deviceType="cpu")
+    ctx.system_properties["gpu_id"] = 0  # TorchServe would not give one, but even so
+    try:
+        h.initialize(ctx)
+        assert h.engine.engine.config.device == "cpu"
+    finally:
+        if getattr(h, "engine", None) is not None:
+            h.metrics.stop()
+            h.engine.shutdown()
+
+
 def test_model_path_in_the_config_is_used_instead_of_the_archive(loaded, model_dir, tmp_path):
     h, _ = loaded(model_path=str(model_dir("gpt2")))
     assert h.engine.engine.config.model_config.architecture == "GPT2LMHeadModel"

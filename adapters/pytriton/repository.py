@@ -13,12 +13,21 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 
 from pagedbackend.config import EngineArgs
 from pagedbackend.vllm_args import engine_kwargs
 
-_FIELD = re.compile(r'^\s*(name|backend|platform)\s*:\s*"([^"]*)"', re.MULTILINE)
+_FIELD = re.compile(r'^\s*(name|backend|platform)\s*:\s*["\']([^"\']*)["\']', re.MULTILINE)
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    """One model of a Triton server: its engine arguments and the version it is served as."""
+
+    args: EngineArgs
+    version: int = 1
 
 
 def _pbtxt_fields(text: str) -> dict[str, str]:
@@ -34,14 +43,14 @@ def _pbtxt_fields(text: str) -> dict[str, str]:
     return fields
 
 
-def read_model_repository(path: str | Path, **overrides) -> dict[str, EngineArgs]:
-    """name -> EngineArgs of every vLLM-backend model in the repository (sorted by name);
+def read_model_repository(path: str | Path, **overrides) -> dict[str, ServedModel]:
+    """name -> the served model of every vLLM-backend model in the repository (sorted by name);
     `overrides`: EngineArgs fields set for every model (e.g. device). ValueError naming the
     file for anything it cannot serve."""
     root = Path(path)
     if not root.is_dir():
         raise ValueError(f"model repository: {root} is not a directory")
-    models: dict[str, EngineArgs] = {}
+    models: dict[str, ServedModel] = {}
     for model_dir in sorted(p for p in root.iterdir() if (p / "config.pbtxt").is_file()):
         config = model_dir / "config.pbtxt"
         fields = _pbtxt_fields(config.read_text())
@@ -50,11 +59,13 @@ def read_model_repository(path: str | Path, **overrides) -> dict[str, EngineArgs
             raise ValueError(f"{config}: backend is {backend!r}; only Triton's vLLM backend's models (backend: "
                              "\"vllm\") are served from a repository")
         name = fields.get("name") or model_dir.name
+        if name != model_dir.name:
+            raise ValueError(f"{config}: name {name!r} is not its directory's ({model_dir.name!r}), as Triton requires")
         versions = sorted((int(p.name), p) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit()
                           and (p / "model.json").is_file())
         if not versions:
             raise ValueError(f"{model_dir}: no version directory with a model.json (e.g. {model_dir}/1/model.json)")
-        version = versions[-1][1]
+        number, version = versions[-1]
         if (version / "multi_lora.json").is_file():
             raise ValueError(f"{version / 'multi_lora.json'}: LoRA adapters are not supported yet")
         where = str(version / "model.json")
@@ -74,9 +85,7 @@ def read_model_repository(path: str | Path, **overrides) -> dict[str, EngineArgs
             args._check_fields()
         except ValueError as e:
             raise ValueError(f"{where}: {e}") from None
-        if name in models:
-            raise ValueError(f"{config}: model name {name!r} is used twice in the repository")
-        models[name] = args
+        models[name] = ServedModel(args, number)
     if not models:
         raise ValueError(f"model repository: {root} holds no model (no <name>/config.pbtxt)")
     return models

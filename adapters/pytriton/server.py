@@ -41,7 +41,8 @@ from typing import Any
 
 from pagedbackend import AsyncLLMEngine, EngineArgs
 from pagedbackend.adapters.ports import free_port
-from pagedbackend.prometheus import render
+from pagedbackend.adapters.pytriton.repository import ServedModel
+from pagedbackend.prometheus import render_many
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +64,9 @@ def prefer_running_libpython() -> None:
 class MetricsServer:
     """GET /metrics: the engines' stats in Prometheus text format."""
 
-    def __init__(self, host: str, port: int, engines: dict[str, AsyncLLMEngine]) -> None:
-        engines_ref = engines
+    def __init__(self, host: str, port: int, engines: dict[str, AsyncLLMEngine],
+                 versions: dict[str, int] | None = None) -> None:
+        engines_ref, versions_ref = engines, versions or {}
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self):  # noqa: N802 - the http.server API
@@ -72,8 +74,8 @@ class MetricsServer:
                     self.send_error(404)
                     return
                 # Labels as Triton's vLLM backend sets them: the model and its version.
-                body = "".join(render(e.get_stats(), {"model": name, "version": "1"})
-                               for name, e in engines_ref.items()).encode()
+                body = render_many([(e.get_stats(), {"model": name, "version": str(versions_ref.get(name, 1))})
+                                    for name, e in engines_ref.items()]).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
                 self.send_header("Content-Length", str(len(body)))
@@ -194,7 +196,7 @@ class PyTritonServer:
 
     engine_args: EngineArgs | None = None
     model_name: str = "pagedbackend"
-    models: dict[str, EngineArgs] = field(default_factory=dict)  # name -> args; instead of engine_args
+    models: dict[str, ServedModel] = field(default_factory=dict)  # name -> model; instead of engine_args
     host: str = "127.0.0.1"
     http_port: int = 0
     grpc_port: int = 0
@@ -245,31 +247,32 @@ class PyTritonServer:
 
         from pagedbackend.adapters.pytriton.binding import LLMModel, bind_model
 
+        specs = dict(self.models) or {self.model_name: ServedModel(self.engine_args)}
+        if any(spec.args is None for spec in specs.values()):
+            raise ValueError("PyTritonServer needs engine_args or models")
         self._tmp = Path(tempfile.mkdtemp(prefix="pagedbackend-pytriton-"))
         extra = {"exit_timeout_secs": self.triton_exit_timeout, **self.extra_config}
         config = TritonConfig(http_address=self.host, http_port=self.http_port, grpc_address=self.host,
                               grpc_port=self.grpc_port, metrics_address=self.host, metrics_port=self.metrics_port,
                               log_verbose=self.log_verbose, log_file=self._tmp / "triton.log", **extra)
-        specs = dict(self.models) or {self.model_name: self.engine_args}
-        if any(args is None for args in specs.values()):
-            raise ValueError("PyTritonServer needs engine_args or models")
         self.engines: dict[str, AsyncLLMEngine] = {}
         self.bound: dict[str, LLMModel] = {}
         try:
-            for name, args in specs.items():
-                self.engines[name] = AsyncLLMEngine.from_engine_args(args, progress=False)
+            for name, spec in specs.items():
+                self.engines[name] = AsyncLLMEngine.from_engine_args(spec.args, progress=False)
             self.engine = next(iter(self.engines.values()))
             self.triton = Triton(config=config, workspace=self._tmp / "workspace")
             with contextlib.suppress(Exception):  # PyTriton internals: the Python backend's shm names
                 self._shm_prefix = self.triton._python_backend_config["shm-region-prefix-name"]
             for name, engine in self.engines.items():
-                self.bound[name] = bind_model(self.triton, LLMModel(engine), name)
+                self.bound[name] = bind_model(self.triton, LLMModel(engine), name, specs[name].version)
             self.model = next(iter(self.bound.values()))
             self._envs_before = (time.time(), set(glob.glob("/tmp/python_env_*")))
             self.triton.run()
             self._python_envs = self._new_python_envs()
             self._snapshot()
-            self.metrics = MetricsServer(self.host, self.engine_metrics_port, self.engines).start()
+            self.metrics = MetricsServer(self.host, self.engine_metrics_port, self.engines,
+                                         {name: spec.version for name, spec in specs.items()}).start()
         except BaseException:
             self.stop()
             raise
@@ -295,10 +298,8 @@ class PyTritonServer:
         started = time.monotonic()
         try:
             bound = getattr(self, "bound", {})
-            for model in bound.values():  # all stop admitting and drain at once
-                model.stop_accepting()
-            for name, model in bound.items():
-                self._end_requests(model, self.engines[name])
+            if bound:
+                self._end_requests(bound)
             self._stop_part("metrics")
             self._stop_triton()
         finally:
@@ -317,25 +318,32 @@ class PyTritonServer:
             time.sleep(0.02)
         self._remove_leftovers()
 
-    def _end_requests(self, model: Any, engine: AsyncLLMEngine) -> None:
-        model.stop_accepting()
-        if model.wait_idle(self.drain_timeout):
+    def _end_requests(self, bound: dict[str, Any]) -> None:
+        """Every model stops admitting; running requests get `drain_timeout` to finish (one
+        deadline for all models), then are aborted; a model whose requests have not ended
+        `abort_timeout` later has its engine shut down (their streams end with an error)."""
+        for model in bound.values():
+            model.stop_accepting()
+        deadline = time.monotonic() + self.drain_timeout
+        busy = {name: m for name, m in bound.items() if not m.wait_idle(max(deadline - time.monotonic(), 0.0))}
+        if not busy:
             return
-        logger.info("aborting %d running request(s)", model.abort_all())
+        for model in busy.values():
+            logger.info("aborting %d running request(s)", model.abort_all())
         deadline = time.monotonic() + self.abort_timeout
-        while not model.wait_idle(0.25):
-            if time.monotonic() >= deadline:
-                break
-            model.abort_all()  # also those submitted since
-        else:
-            self._wait_answers_sent(1.0)
-            return
-        logger.warning("%d request(s) did not end after the abort; shutting the engine down",
-                       len(model.running()))
-        engine.shutdown(timeout=1.0)  # their streams end with an error
-        if not model.wait_idle(0.5):
-            model.cancel_all()
-            model.wait_idle(0.5)
+        while busy and time.monotonic() < deadline:
+            busy = {name: m for name, m in busy.items() if not m.wait_idle(0.25 / len(busy))}
+            for model in busy.values():
+                model.abort_all()  # also those submitted since
+        if busy:
+            logger.warning("%d request(s) did not end after the abort; shutting their engine(s) down",
+                           sum(len(m.running()) for m in busy.values()))
+            for name in busy:
+                self.engines[name].shutdown(timeout=1.0)
+            for model in busy.values():
+                if not model.wait_idle(0.5):
+                    model.cancel_all()
+                    model.wait_idle(0.5)
         self._wait_answers_sent(1.0)
 
     def _wait_answers_sent(self, timeout: float) -> None:

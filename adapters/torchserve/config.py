@@ -28,6 +28,11 @@ def flatten_handler(handler: dict[str, Any] | None) -> dict[str, Any]:
         if not isinstance(nested, dict):
             raise ValueError("model-config.yaml handler.vllm_engine_config must be a mapping of vLLM engine arguments")
         where = "model-config.yaml handler.vllm_engine_config"
+        nested = dict(nested)
+        if "model" in nested:  # upstream's handler takes it in place of model_path
+            if "model_path" in handler:
+                raise ValueError(f"{where}.model: give handler.model_path or this, not both")
+            handler["model_path"] = nested.pop("model")
         for key, value in engine_kwargs(nested, where, extra=("served_model_name",)).items():
             if key in handler:
                 raise ValueError(f"{where}.{key} is also set in handler: give it once")

@@ -103,7 +103,10 @@ class PagedLLMHandler:
         tp = tensor_parallel_size(yaml)
         cfg["tensor_parallel_size"] = tp
         gpu = context.system_properties.get("gpu_id")
-        if gpu is not None and "device" not in cfg:
+        if str(yaml.get("deviceType", "")).lower() == "cpu":  # TorchServe's own switch, as upstream configs set it
+            if cfg.setdefault("device", "cpu") != "cpu":
+                raise ValueError(f"model-config.yaml: deviceType: cpu, but handler device: {cfg['device']}")
+        elif gpu is not None and "device" not in cfg:
             import torch
 
             if torch.cuda.is_available():  # each rank takes its own GPU when tensor-parallel

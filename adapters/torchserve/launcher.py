@@ -105,6 +105,11 @@ def build_archive(model: str | os.PathLike, name: str, export_path: str | os.Pat
     cfg["handler"] = handler
     if model_path is not None:
         handler["model_path"] = str(Path(model_path).resolve())
+    elif "model_path" in handler and not Path(str(handler["model_path"])).is_absolute():
+        # Upstream configs name the model inside their own store ("model/models--org--name/...");
+        # here the model given is what the archive holds.
+        logger.info("handler.model_path %s (relative) replaced by the packaged model %s", handler.pop("model_path"),
+                    model)
     if tensor_parallel_size is None and cfg.get("parallelType") == "custom" and int(cfg.get("parallelLevel", 1)) > 1:
         # Upstream's spelling (examples/large_models/vllm), which TorchServe 0.12 cannot start:
         # archived as the working one, one worker whose engine starts parallelLevel ranks.
