@@ -8,6 +8,7 @@ the same (vLLM) name, and a key that cannot be honoured fails the archive and th
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 import yaml
@@ -135,8 +136,8 @@ def test_a_model_repository_is_read_with_vllm_names_and_strings_for_booleans_and
      "max_num_seqs must be a number"),
     (lambda root, m: write_repository(root, {"a": {"model": m, "speculative_model": "x"}}),
      r"speculative_model is not supported \(vLLM would ignore it silently"),
-    (lambda root, m: write_repository(root, {"a": {"model": m}}, pbtxt_backend="python"),
-     "backend is 'python'; only Triton's vLLM backend"),
+    (lambda root, m: write_repository(root, {"a": {"model": m}}, pbtxt_backend="onnxruntime"),
+     "backend is 'onnxruntime'; only Triton's vLLM backend"),
     (lambda root, m: (write_repository(root, {"a": {"model": m}}),
                       (root / "a" / "1" / "multi_lora.json").write_text('{"sql": "/adapters/sql"}')),
      "multi_lora.json: LoRA adapters are not supported yet"),
@@ -222,3 +223,106 @@ def test_vllm_names_for_our_settings_and_vllm_defaults_are_accepted(model_dir):
     cfg = upstream_config(str(model_dir("llama")))
     cfg["handler"]["vllm_engine_config"]["model"] = cfg["handler"].pop("model_path")  # upstream accepts it here
     assert flatten_handler(cfg["handler"])["model_path"] == str(model_dir("llama"))
+
+
+@pytest.mark.slow
+def test_a_plain_triton_serves_the_repository_with_the_python_backend_model(model_dir, tmp_path, make_engine):
+    """The tritonserver PyTriton ships, started on its own (no PyTriton binding) over a
+    repository whose model says backend "python" and holds pagedbackend's model.py."""
+    import os
+    import shutil
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    import pagedbackend
+    from pagedbackend import SamplingParams
+    from pagedbackend.adapters.ports import free_port
+    from pagedbackend.adapters.pytriton.server import prefer_running_libpython
+    from pytriton.server.triton_server import TritonServer
+    from pytriton.server.triton_server_config import TritonServerConfig
+    from pytriton.triton import TRITONSERVER_DIST_DIR
+    from pytriton.utils.distribution import get_libs_path, get_stub_path
+    from http_client import stream
+
+    repo = tmp_path / "repo"
+    write_repository(repo, {"tiny": {"model": str(model_dir("llama")), "disable_log_requests": "true"}},
+                     pbtxt_backend="python")
+    shutil.copy(Path(pagedbackend.__file__).parent.parent / "adapters" / "triton_python" / "model.py",
+                repo / "tiny" / "1" / "model.py")
+    dist = tmp_path / "tritonserver"
+    shutil.copytree(TRITONSERVER_DIST_DIR, dist, ignore=shutil.ignore_patterns("python_backend_stubs",
+                                                                                 "triton_python_backend_stub"))
+    shutil.copy(get_stub_path(f"{sys.version_info[0]}.{sys.version_info[1]}"),
+                dist / "backends" / "python" / "triton_python_backend_stub")
+    prefer_running_libpython()
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    config = TritonServerConfig()
+    for key, value in {"model-repository": str(repo), "backend-directory": str(dist / "backends"),
+                       "http-address": "127.0.0.1", "http-port": http, "grpc-address": "127.0.0.1",
+                       "grpc-port": grpc, "metrics-address": "127.0.0.1", "metrics-port": metrics}.items():
+        config[key] = value
+    site = [p for p in sys.path if p.endswith("site-packages")]
+    old = os.environ.get("PYTHONPATH")
+    os.environ["PYTHONPATH"] = os.pathsep.join(site + [str(Path(pagedbackend.__file__).parent.parent)])
+    server = TritonServer(path=str(dist / "bin" / "tritonserver"), libs_path=get_libs_path(), config=config)
+    try:
+        server.start()
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                if urllib.request.urlopen(f"http://127.0.0.1:{http}/v2/models/tiny/ready", timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            assert server.is_alive() and time.monotonic() < deadline, server._tritonserver_logs[-3000:]
+            time.sleep(0.5)
+        sampling = {"max_tokens": 6, "temperature": 0, "ignore_eos": True}
+        lines = list(stream(http, "/v2/models/tiny/generate_stream", {
+            "text_input": "Once upon a time", "stream": True, "exclude_input_in_output": True,
+            "sampling_parameters": json.dumps(sampling)}))
+        events = [json.loads(line[len("data: "):]) for line in lines if line.startswith("data: ")]
+        offline = make_engine(model_dir("llama"), "llm").generate(["Once upon a time"], SamplingParams(**sampling),
+                                                                  use_tqdm=False)[0].outputs[0]
+        assert "".join(e["text_output"] for e in events) == offline.text, events
+        status, _, body = post(http, "/v2/models/tiny/generate_stream", {
+            "text_input": "x", "stream": True, "exclude_input_in_output": True,
+            "sampling_parameters": json.dumps({"temperature": -1})})
+        assert status == 400 and "temperature must be non-negative" in body, (status, body)
+        lines = list(stream(http, "/v2/models/tiny/generate_stream", {  # and it keeps serving
+            "text_input": "Once upon a time", "stream": True, "exclude_input_in_output": True,
+            "sampling_parameters": json.dumps(sampling)}))
+        assert "".join(json.loads(line[6:])["text_output"] for line in lines if line.startswith("data: ")) == \
+            offline.text
+    finally:
+        server.stop()
+        if old is None:
+            os.environ.pop("PYTHONPATH", None)
+        else:
+            os.environ["PYTHONPATH"] = old
+
+
+def test_serve_pytriton_model_repository_starts_every_model_and_stops_on_sigterm(model_dir, tmp_path):
+    import signal
+    import subprocess
+
+    from pagedbackend.adapters.ports import free_port
+    from http_client import start_serve_command, stream
+
+    write_repository(tmp_path, {"a": {"model": str(model_dir("llama"))}, "b": {"model": str(model_dir("qwen2"))}})
+    ports = [free_port() for _ in range(4)]
+    proc, text = start_serve_command("pytriton", "--model-repository", str(tmp_path), "--http-port", str(ports[0]),
+                                     "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
+                                     "--engine-metrics-port", str(ports[3]), stderr=subprocess.DEVNULL)
+    try:
+        for name in ("a", "b"):
+            assert f"model {name!r} is ready" in text and f"/v2/models/{name}/generate_stream" in text, text
+            lines = list(stream(ports[0], f"/v2/models/{name}/generate_stream", {
+                "text_input": "hi", "stream": True, "exclude_input_in_output": True, "max_tokens": 3,
+                "ignore_eos": True}))
+            events = [json.loads(line[6:]) for line in lines if line.startswith("data: ")]
+            assert sum(e["num_output_tokens"] for e in events) == 3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=120)
+    assert proc.returncode == 0

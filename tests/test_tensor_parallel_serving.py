@@ -115,7 +115,6 @@ def test_archive_writes_the_parallel_settings(model_dir, tmp_path):
     ({"continuousBatching": True, "parallelLevel": 2, "handler": {"tensor_parallel_size": 4}},
      "tensor_parallel_size: 4 does not match parallelLevel: 2"),
     ({"continuousBatching": True, "handler": {"tensor_parallel_size": 2}}, "needs parallelLevel: 2"),
-    ({"continuousBatching": True, "parallelType": "custom", "parallelLevel": 2}, "cannot start on TorchServe 0.12"),
     ({"continuousBatching": True, "parallelType": "pp", "torchrun": {"nproc-per-node": 2}}, "pipeline parallelism"),
 ])
 def test_parallel_settings_that_disagree_are_refused_at_archive_time(config, message, model_dir, tmp_path):
@@ -125,6 +124,26 @@ def test_parallel_settings_that_disagree_are_refused_at_archive_time(config, mes
     path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match=message):
         build_archive(model_dir("llama"), "bad", tmp_path / "store", path)
+
+
+def test_the_custom_spelling_is_archived_as_the_one_torchserve_starts_and_refused_at_load(model_dir, tmp_path):
+    """`parallelType: custom` + `parallelLevel: 2` (upstream's spelling) cannot start on
+    TorchServe 0.12: `pagedbackend archive` writes the working form; a config that reaches the
+    handler as it is (made with torch-model-archiver directly) fails its load, saying why."""
+    import yaml
+
+    from pagedbackend.adapters.torchserve.config import validate_model_config
+    from pagedbackend.adapters.torchserve.launcher import build_archive
+
+    config = {"continuousBatching": True, "parallelType": "custom", "parallelLevel": 2}
+    with pytest.raises(ValueError, match="cannot start on TorchServe 0.12"):
+        validate_model_config(config)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(json.dumps(config))
+    out = build_archive(model_dir("llama"), "tp", tmp_path / "store", path, no_archive=True)
+    archived = yaml.safe_load(next(out.glob("*.yaml")).read_text())
+    assert archived["parallelLevel"] == 2 and "parallelType" not in archived
+    assert archived["handler"]["tensor_parallel_size"] == 2
 
 
 def test_pytriton_serve_with_tensor_parallel_size_2(model_dir, make_engine):

@@ -55,9 +55,9 @@ def read_model_repository(path: str | Path, **overrides) -> dict[str, ServedMode
         config = model_dir / "config.pbtxt"
         fields = _pbtxt_fields(config.read_text())
         backend = fields.get("backend")
-        if backend != "vllm":
+        if backend not in ("vllm", "python"):  # python: this package's model.py, for a plain Triton
             raise ValueError(f"{config}: backend is {backend!r}; only Triton's vLLM backend's models (backend: "
-                             "\"vllm\") are served from a repository")
+                             "\"vllm\", or \"python\" with pagedbackend's model.py) are served from a repository")
         name = fields.get("name") or model_dir.name
         if name != model_dir.name:
             raise ValueError(f"{config}: name {name!r} is not its directory's ({model_dir.name!r}), as Triton requires")
@@ -68,24 +68,31 @@ def read_model_repository(path: str | Path, **overrides) -> dict[str, ServedMode
         number, version = versions[-1]
         if (version / "multi_lora.json").is_file():
             raise ValueError(f"{version / 'multi_lora.json'}: LoRA adapters are not supported yet")
-        where = str(version / "model.json")
-        try:
-            values = json.loads((version / "model.json").read_text())
-        except ValueError as e:
-            raise ValueError(f"{where}: not valid JSON: {e}") from None
-        if not isinstance(values, dict) or not isinstance(values.get("model"), str):
-            raise ValueError(f"{where}: must be a JSON object with \"model\" (the model directory)")
-        values = dict(values)
-        model = Path(values.pop("model"))
-        if not model.is_absolute() and (version / model).exists():
-            model = version / model
-        kwargs = engine_kwargs(values, where)
-        args = EngineArgs(model=str(model), **{**kwargs, **overrides})
-        try:
-            args._check_fields()
-        except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
-        models[name] = ServedModel(args, number)
+        models[name] = ServedModel(model_json_args(version, overrides), number)
     if not models:
         raise ValueError(f"model repository: {root} holds no model (no <name>/config.pbtxt)")
     return models
+
+
+def model_json_args(version: Path, overrides: dict | None = None) -> EngineArgs:
+    """The engine arguments of one model version directory's `model.json` (also what the
+    Python-backend `model.py` reads inside a plain Triton)."""
+    version = Path(version)
+    where = str(version / "model.json")
+    try:
+        values = json.loads((version / "model.json").read_text())
+    except ValueError as e:
+        raise ValueError(f"{where}: not valid JSON: {e}") from None
+    if not isinstance(values, dict) or not isinstance(values.get("model"), str):
+        raise ValueError(f"{where}: must be a JSON object with \"model\" (the model directory)")
+    values = dict(values)
+    model = Path(values.pop("model"))
+    if not model.is_absolute() and (version / model).exists():
+        model = version / model
+    kwargs = engine_kwargs(values, where)
+    args = EngineArgs(model=str(model), **{**kwargs, **(overrides or {})})
+    try:
+        args._check_fields()
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+    return args
