@@ -20,8 +20,12 @@ def _packed(allowed: np.ndarray) -> np.ndarray:
     return words.view(np.int32)
 
 
+@pytest.mark.parametrize("byteorder", ["little", "big"])  # big: the shifting path (a big-endian host's)
 @pytest.mark.parametrize("vocab", [31, 32, 33, 1000])
-def test_unpacking_gives_exactly_the_allowed_tokens(vocab):
+def test_unpacking_gives_exactly_the_allowed_tokens(vocab, byteorder, monkeypatch):
+    import sys
+
+    monkeypatch.setattr(sys, "byteorder", byteorder)
     rng = np.random.default_rng(vocab)
     allowed = rng.random((5, vocab)) < 0.3
     allowed[:, -1] = True  # the last token, in the last (partial) word
