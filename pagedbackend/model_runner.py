@@ -410,9 +410,9 @@ class ModelRunner:
 
     def _tensors(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         """The step's arrays as device tensors: input ids, positions, attention metadata and the
-        rows to compute logits for (the sampled rows, then the verifying ones). On CUDA they travel as one pinned buffer, one copy that
-        does not block (a pageable copy per array would each wait for the stream); on the CPU
-        they are wrapped where they lie."""
+        rows to compute logits for (the sampled rows, then the verifying ones). On CUDA they
+        travel as one pinned buffer, one copy that does not block (a pageable copy per array
+        would each wait for the stream); on the CPU they are wrapped where they lie."""
         up = HostUpload()
         for name in ("input_ids", "positions", "slot_mapping", "block_tables"):
             up.add(name, getattr(step, name))

@@ -237,7 +237,7 @@ def parse_chat(body: dict[str, Any], tokenizer: Any, chat_template: str | None =
     if not template:
         raise InvalidRequest("messages", "this model's tokenizer has no chat template; set handler.chat_template")
     kwargs: dict[str, Any] = {}
-    if tools is not None and tools.mode != "none":  # the template shows the model its functions
+    if tools is not None:  # the template shows the model its functions
         kwargs["tools"] = tools.tools
     try:
         text = tokenizer.apply_chat_template(template_messages(messages), chat_template=template, tokenize=False,
@@ -282,13 +282,6 @@ class _Formatter:
         self._tool_streams: dict[int, Any] = {}  # choice -> its tool-call stream (chat with tools)
         self._held_logprobs: dict[int, list] = {}  # choice -> logprobs of text its tool stream withholds
 
-    def _start_tools(self, index: int) -> Any:
-        tools = self.req.tools
-        if tools is None or tools.mode == "none":
-            return None
-        streamer = self._tool_streams[index] = tools.streamer()
-        return streamer
-
     def _index(self, prompt_idx: int, sample: int) -> int:
         return prompt_idx * self.req.params.n + sample
 
@@ -310,12 +303,12 @@ class _Formatter:
                                           "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
                 if self.req.kind == "chat":
                     message: dict[str, Any] = {"role": "assistant", "content": text}
-                    if self.req.tools is not None and self.req.tools.mode != "none":
-                        content, calls = self.req.tools.parse(text)
+                    tools = self.req.tools
+                    if tools is not None:
+                        content, calls = tools.parse(text)
                         message = {"role": "assistant", "content": content,
                                    "tool_calls": [tool_call_json(call) for call in calls]}
-                        if calls and c.finish_reason == "stop" and self.req.tools.mode != "named":
-                            choice["finish_reason"] = "tool_calls"  # a forced function keeps "stop" (OpenAI's)
+                        choice["finish_reason"] = tools.finish_reason(c.finish_reason, bool(calls))
                     choice["message"] = message
                 else:
                     choice["text"] = text
@@ -344,22 +337,18 @@ class _Formatter:
             if self.req.kind == "chat":
                 delta: dict[str, Any] = {"role": "assistant", "content": text} if first else (
                     {"content": text} if text else {})
-                streamer = self._tool_streams.get(index) if not first else self._start_tools(index)
-                if streamer is not None:
-                    piece = streamer.feed(text)
-                    if c.finish_reason is not None:
-                        tail = streamer.finish()
-                        piece.content += tail.content
-                        piece.tool_calls += tail.tool_calls
+                tools = self.req.tools
+                if tools is not None:
+                    if first:
+                        self._tool_streams[index] = tools.streamer()
+                    streamer = self._tool_streams[index]
+                    piece = tools.stream_piece(streamer, text, c.finish_reason is not None)
                     delta = {"role": "assistant"} if first else {}
                     if piece.content:
                         delta["content"] = piece.content
-                    if not self.req.tools.parallel:  # as the whole answer: its first call only
-                        piece.tool_calls = [d for d in piece.tool_calls if d.index == 0]
                     if piece.tool_calls:
                         delta["tool_calls"] = delta_json(piece)
-                    if c.finish_reason == "stop" and streamer.tool_calls and self.req.tools.mode != "named":
-                        choice["finish_reason"] = "tool_calls"
+                    choice["finish_reason"] = tools.finish_reason(c.finish_reason, bool(streamer.tool_calls))
                     if not delta and c.finish_reason is None:
                         # All withheld (it may be the start of a tool call): its tokens' logprobs
                         # go out with the next chunk.

@@ -70,8 +70,8 @@ def response_format_constraint(value: Any) -> StructuredOutputsParams | None:
 
 @dataclass
 class ToolChoice:
-    """A chat request's tools and what it asks of them. `mode`: none | auto | required |
-    named (`name` set)."""
+    """A chat request's tools and what it asks of them. `mode`: auto | required | named
+    (`name` set); `tool_choice: "none"` makes none (the tools then change nothing)."""
 
     tools: list[dict[str, Any]]
     mode: str
@@ -100,26 +100,39 @@ class ToolChoice:
         return StructuredOutputsParams(json=schema)
 
     def parse(self, text: str) -> tuple[str | None, list[ToolCall]]:
-        """The answer's content and tool calls, from the whole output."""
+        """The answer's content and tool calls, from the whole output (one call unless parallel)."""
         if self.mode == "named":
             calls = parse_named(text, self.name)
         elif self.mode == "required":
             calls = parse_required(text)
-        elif self.mode == "auto":
+        else:
             content, calls = TOOL_PARSERS[self.parser]().parse(text)
             return content, calls if self.parallel else calls[:1]
-        else:
-            return text, []
         return (None, calls) if calls else (text, [])
 
-    def streamer(self) -> ToolCallStream | None:
+    def streamer(self) -> ToolCallStream:
         if self.mode == "named":
             return NamedToolCallStream(self.name)
         if self.mode == "required":
             return RequiredToolCallStream()
-        if self.mode == "auto":
-            return TOOL_PARSERS[self.parser]().streamer()
-        return None
+        return TOOL_PARSERS[self.parser]().streamer()
+
+    def stream_piece(self, streamer: ToolCallStream, text: str, final: bool) -> StreamDelta:
+        """What a streamed chunk carries: the text fed to the call stream (flushed at the end),
+        as `parse` would read the whole output (one call unless parallel)."""
+        piece = streamer.feed(text)
+        if final:
+            tail = streamer.finish()
+            piece.content += tail.content
+            piece.tool_calls += tail.tool_calls
+        if not self.parallel:
+            piece.tool_calls = [d for d in piece.tool_calls if d.index == 0]
+        return piece
+
+    def finish_reason(self, reason: str | None, called: bool) -> str | None:
+        """OpenAI's: "tool_calls" when the model stopped after calling; a forced named function
+        keeps "stop"."""
+        return "tool_calls" if called and reason == "stop" and self.mode != "named" else reason
 
 
 def _parameters(function: dict[str, Any]) -> dict[str, Any]:
@@ -129,7 +142,7 @@ def _parameters(function: dict[str, Any]) -> dict[str, Any]:
 def parse_tools(body: dict[str, Any], parser: str) -> ToolChoice | None:
     """Pop `tools`, `tool_choice` and `parallel_tool_calls` from a chat body and check them
     (OpenAI's rules: a choice other than none needs tools; a named function must be one of
-    them). None when the request has no tools."""
+    them). None when the request has no tools, or `tool_choice` is "none"."""
     tools = body.pop("tools", None)
     choice = body.pop("tool_choice", None)
     parallel = body.pop("parallel_tool_calls", None)
@@ -164,6 +177,8 @@ def parse_tools(body: dict[str, Any], parser: str) -> ToolChoice | None:
             raise InvalidRequest(f"{where}.function.parameters", f"{where}.function.parameters must be a JSON schema "
                                                                  "object")
     result = ToolChoice(tools, "auto", parallel=True if parallel is None else parallel, parser=parser)
+    if choice == "none":
+        return None  # checked, and nothing to do: no calls, and the template is not shown them
     if choice is None or choice in TOOL_CHOICES:
         result.mode = choice or "auto"
         return result

@@ -348,10 +348,8 @@ class Sampler:
             up.add("logprob_source", np.asarray([r for r, _ in logprob_rows + beam_rows], dtype=np.int64))
         if logprob_rows:
             up.add("logprob_chosen", np.asarray([r for r, _ in logprob_rows], dtype=np.int64))
-        grammar_all_rows = False
         if grammar is not None:
-            grammar_all_rows = len(grammar[0]) == num_rows and bool((grammar[0] == np.arange(num_rows)).all())
-            if not grammar_all_rows:
+            if len(grammar[0]) < num_rows:  # (the rows are distinct and ascending: all of them, in order, else)
                 up.add("grammar_rows", grammar[0].astype(np.int64, copy=False))
             up.add("grammar_bitmask", grammar[1].astype(np.int32, copy=False))
 

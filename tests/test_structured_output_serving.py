@@ -241,3 +241,15 @@ def test_auto_tool_choice_keeps_tool_call_tags_a_tokenizer_holds_as_special_toke
     assert req.params.skip_special_tokens is False
     forced = parse_chat({"messages": MESSAGES, "tools": TOOLS, "tool_choice": "required"}, tok, TOOLS_TEMPLATE)
     assert forced.params.skip_special_tokens  # a forced call is JSON: no tags to keep
+
+
+def test_tool_choice_none_checks_the_tools_but_neither_shows_nor_parses_them(model_dir):
+    from pagedbackend.errors import InvalidRequest
+    from pagedbackend.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(str(model_dir("llama")))
+    req = parse_chat({"messages": MESSAGES, "tools": TOOLS, "tool_choice": "none"}, tok, TOOLS_TEMPLATE)
+    assert req.tools is None and req.params.structured_outputs is None
+    assert "You may call" not in req.prompt_texts[0]
+    with pytest.raises(InvalidRequest, match=r"tools\[0\] must be"):
+        parse_chat({"messages": MESSAGES, "tools": [{"type": "retrieval"}], "tool_choice": "none"}, tok, TOOLS_TEMPLATE)

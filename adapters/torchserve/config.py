@@ -6,12 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 from pagedbackend.config import EngineArgs
+from pagedbackend.structured_output.tool_parsers import TOOL_PARSERS
 from pagedbackend.vllm_args import engine_kwargs
 
 # handler: keys that are not EngineArgs fields.
 HANDLER_KEYS = ("model_path", "served_model_name", "chat_template", "metrics_interval_s", "tool_call_parser")
 # tool_call_parser: vLLM's --tool-call-parser names, or auto (by the model's family).
-TOOL_CALL_PARSERS = ("auto", "hermes", "llama3_json")
+TOOL_CALL_PARSERS = ("auto", *TOOL_PARSERS)
 
 
 def flatten_handler(handler: dict[str, Any] | None) -> dict[str, Any]:

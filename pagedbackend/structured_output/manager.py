@@ -25,7 +25,6 @@ from pagedbackend.step import GrammarStep, SchedulerOutput
 
 class StructuredOutputManager:
     def __init__(self, vocab_size: int, stop_token_ids: tuple[int, ...]) -> None:
-        self.vocab_size = vocab_size
         self.num_words = -(-vocab_size // 32)
         self._matchers: dict[int, Any] = {}  # seq_id -> xgrammar GrammarMatcher
         # The row of a sequence whose grammar is over (it accepted EOS, with ignore_eos):
